@@ -1,0 +1,170 @@
+"""Layer activations: forward hooks, spatial pooling and batched, streamed extraction."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError, LayerNotFoundError, TeacherError, did_you_mean
+from .images import ImageSet, Preprocess, default_workers, iter_batches
+from .teacher import Teacher
+
+POOLINGS = ("mean", "max", "flatten")
+
+
+@contextlib.contextmanager
+def record(model: torch.nn.Module, layers: Sequence[str]):
+    """Record the outputs of ``layers`` of ``model`` during the forward passes inside the block.
+
+    Hooks are always removed, even on error. A requested layer that never ran raises an error when
+    the block exits.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    >>> with record(net, ["0"]) as acts:
+    ...     _ = net(torch.zeros(1, 2))
+    >>> acts["0"].shape
+    torch.Size([1, 3])
+    """
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules or not name:
+            raise LayerNotFoundError(f"Layer '{name}' not found in {type(model).__name__}."
+                                     f"{did_you_mean(name, [n for n in modules if n])}")
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(
+                lambda _m, _i, out, name=name: acts.__setitem__(name, out)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in acts]
+    if missing:
+        raise TeacherError(f"Layer(s) {', '.join(missing)} never ran in the forward pass")
+
+
+def pool(t: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Pool a layer output to one vector per image.
+
+    Parameters
+    ----------
+    t : Tensor of shape (n, c, h, w), (n, c, l) or (n, d)
+    how : {"mean", "max", "flatten"}
+        ``mean``/``max`` pool over the spatial positions; ``flatten`` keeps every value (small maps).
+
+    Returns
+    -------
+    Tensor of shape (n, d)
+    """
+    if how not in POOLINGS:
+        raise InputError(f"--pooling {how!r}: expected one of {', '.join(POOLINGS)}")
+    if t.dim() <= 2 or how == "flatten":
+        return t.reshape(t.shape[0], -1)
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    return flat.mean(-1) if how == "mean" else flat.amax(-1)
+
+
+@dataclass
+class Activations:
+    """Pooled activations per layer plus the teacher's logits, rows in image order.
+
+    Attributes
+    ----------
+    layers : dict of str to ndarray of shape (n_images, d_layer), float32
+    logits : ndarray of shape (n_images, n_classes), float32
+    """
+
+    layers: dict[str, np.ndarray]
+    logits: np.ndarray
+
+
+def resolve_preprocess(teacher: Teacher, image_size=None, mean=None, std=None) -> Preprocess:
+    """Combine explicit options with the preprocessing the teacher implies.
+
+    Explicit values win. Without ``image_size`` the teacher must imply one.
+    """
+    implied = teacher.preprocess
+    if image_size is None:
+        if implied is None:
+            raise InputError(f"--image-size: required for teacher {teacher.spec} (it does not imply an input size)")
+        image_size = implied.image_size
+    if mean is None and std is None and implied is not None:
+        mean, std = implied.mean, implied.std
+    return Preprocess(int(image_size), mean, std)
+
+
+def extract(teacher: Teacher, images: ImageSet, layers: Sequence[str], preprocess: Preprocess, *,
+            batch_size: int = 64, pooling: str = "mean", num_workers: int | None = None,
+            progress: bool = True, desc: str = "extract") -> Activations:
+    """Run the teacher over ``images`` once, returning pooled activations of ``layers`` and logits.
+
+    Memory holds one batch of raw activations at a time; pooled rows go into preallocated arrays.
+
+    Parameters
+    ----------
+    teacher : Teacher
+    images : ImageSet
+    layers : sequence of str
+        Dotted layer names (resolved against the teacher; an unknown name raises with suggestions).
+    preprocess : Preprocess
+    batch_size : int, default=64
+    pooling : {"mean", "max", "flatten"}, default="mean"
+    num_workers : int, optional
+        Image-loading worker processes. Default: :func:`concepts.images.default_workers` for large
+        sets, 0 for fewer than 512 images.
+    progress : bool, default=True
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    Activations
+    """
+    layers = teacher.resolve_layers(layers)
+    if pooling not in POOLINGS:
+        raise InputError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    n = len(images)
+    if num_workers is None:
+        num_workers = default_workers() if n >= 512 else 0
+    out: dict[str, np.ndarray] = {}
+    logits = None
+    row = 0
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for batch in iter_batches(images.paths, preprocess, batch_size=batch_size, num_workers=num_workers):
+                z, acts = teacher.forward(batch, layers)
+                b = batch.shape[0]
+                if logits is None:
+                    logits = np.empty((n, z.shape[1]), dtype=np.float32)
+                logits[row:row + b] = z.float().numpy()
+                for name in layers:
+                    pooled = pool(acts[name], pooling).float().numpy()
+                    if name not in out:
+                        out[name] = np.empty((n, pooled.shape[1]), dtype=np.float32)
+                    out[name][row:row + b] = pooled
+                row += b
+                bar.update(b)
+    finally:
+        bar.close()
+    return Activations(out, logits)
+
+
+def teacher_logits(teacher: Teacher, images: ImageSet, preprocess: Preprocess, *, batch_size: int = 64,
+                   progress: bool = True) -> np.ndarray:
+    """The teacher's logits for every image, shape (n_images, n_classes), float32."""
+    rows = []
+    with torch.inference_mode():
+        for batch in tqdm(iter_batches(images.paths, preprocess, batch_size=batch_size), desc="teacher",
+                          disable=not progress, leave=False):
+            rows.append(teacher.logits(batch).float().numpy())
+    return np.concatenate(rows)

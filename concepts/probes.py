@@ -1,0 +1,271 @@
+"""Linear concept probes (CAVs): one logistic probe per concept and layer, with held-out quality.
+
+A probe maps a pooled activation vector ``a`` to a margin ``m = w · (a - mu) / sigma + b`` and a score
+``p = 1 / (1 + exp(-m))`` (the probability that the concept is present). Its concept activation
+vector (CAV) in raw activation space is ``w / sigma``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from .errors import InputError, NotFittedError
+
+QUALITY_COLUMNS = ["concept", "layer", "auc", "accuracy", "n_pos", "n_neg", "tcav_score", "p_value", "significant"]
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+_STATE_KEYS = ("mean", "scale", "coef", "intercept", "runs_real", "runs_null")
+
+
+@dataclass
+class _LayerProbes:
+    mean: np.ndarray      # (d,)
+    scale: np.ndarray     # (d,)
+    coef: np.ndarray      # (k, d) in standardised units
+    intercept: np.ndarray  # (k,)
+    runs_real: np.ndarray  # (k, R, d) unit CAVs fitted on subsamples (raw activation space)
+    runs_null: np.ndarray  # (k, R, d) unit CAVs fitted with shuffled labels (random-vs-random)
+
+    def margins(self, acts: np.ndarray) -> np.ndarray:
+        z = (np.asarray(acts, dtype=np.float64) - self.mean) / self.scale
+        return z @ self.coef.T + self.intercept
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _fit_logistic(x, y, C, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x, y)
+
+
+def _choose_C(x, y, seed) -> float:
+    """Regularisation by 3-fold cross-validated log-loss over :data:`C_GRID`."""
+    n_splits = int(min(3, np.bincount(y).min()))
+    if n_splits < 2:
+        return 1.0
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    best, best_loss = 1.0, np.inf
+    for C in C_GRID:
+        loss = 0.0
+        for tr, te in cv.split(x, y):
+            p = np.clip(_fit_logistic(x[tr], y[tr], C, seed).predict_proba(x[te])[:, 1], 1e-7, 1 - 1e-7)
+            loss += -np.mean(y[te] * np.log(p) + (1 - y[te]) * np.log(1 - p))
+        if loss < best_loss - 1e-9:
+            best, best_loss = C, loss
+    return best
+
+
+def null_p_value(observed: float, null: np.ndarray) -> float:
+    """Two-sided p-value of ``observed`` as a new draw from the null sample (t prediction interval).
+
+    ``t = (observed - mean(null)) / (sd(null) * sqrt(1 + 1/K))`` with ``K - 1`` degrees of freedom,
+    ``p = 2 * (1 - F_t(|t|))``.
+    """
+    null = np.asarray(null, dtype=float)
+    k = len(null)
+    sd = null.std(ddof=1) if k > 1 else 0.0
+    if sd == 0:
+        return 0.0 if observed != null.mean() else 1.0
+    t = (observed - null.mean()) / (sd * np.sqrt(1 + 1 / k))
+    return float(2 * stats.t.sf(abs(t), df=k - 1))
+
+
+class ConceptProbes:
+    """Linear concept probes over pooled layer activations.
+
+    Parameters
+    ----------
+    test_size : float, default=0.25
+        Held-out fraction for each probe's AUC and accuracy.
+    random_runs : int, default=10
+        Number of random-label probes per concept and layer that form the null for ``p_value``.
+    alpha : float, default=0.05
+        Family-wise significance level (Bonferroni over concepts and layers).
+    random_state : int, default=0
+
+    Attributes
+    ----------
+    concepts_ : list of str
+    layers_ : list of str
+    layer_ : str
+        The layer used by :meth:`transform` (best mean held-out AUC unless set by the caller).
+    quality_ : DataFrame
+        One row per (concept, layer) with the columns of ``quality.csv``.
+    C_ : dict of (str, str) to float
+        Regularisation chosen per (concept, layer).
+    """
+
+    def __init__(self, *, test_size: float = 0.25, random_runs: int = 10, alpha: float = 0.05,
+                 random_state: int = 0):
+        self.test_size = test_size
+        self.random_runs = random_runs
+        self.alpha = alpha
+        self.random_state = random_state
+
+    def fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame) -> ConceptProbes:
+        """Fit one probe per concept (column of ``labels``) and layer (key of ``acts``).
+
+        Parameters
+        ----------
+        acts : dict of str to ndarray of shape (n_images, d)
+        labels : DataFrame of shape (n_images, n_concepts)
+            1 = concept present, 0 = absent, NaN = unknown (row unused for that concept).
+        """
+        if not (0 < self.test_size < 1):
+            raise InputError(f"test_size {self.test_size}: expected a fraction in (0, 1)")
+        self.concepts_ = [str(c) for c in labels.columns]
+        self.layers_ = list(acts)
+        seed = self.random_state
+        rng = np.random.default_rng(seed)
+        self._probes: dict[str, _LayerProbes] = {}
+        self.C_ = {}
+        rows = []
+        for layer, a in acts.items():
+            a = np.asarray(a, dtype=np.float64)
+            mean = a.mean(0)
+            scale = a.std(0)
+            scale[scale < 1e-8] = 1.0
+            z = (a - mean) / scale
+            coef = np.zeros((len(self.concepts_), a.shape[1]))
+            intercept = np.zeros(len(self.concepts_))
+            runs_real = np.zeros((len(self.concepts_), self.random_runs, a.shape[1]))
+            runs_null = np.zeros_like(runs_real)
+            for j, concept in enumerate(self.concepts_):
+                col = labels[concept].to_numpy(dtype=float)
+                known = ~np.isnan(col)
+                x, y = z[known], col[known].astype(int)
+                n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+                if n_pos < 2 or n_neg < 2:
+                    raise InputError(f"concept '{concept}': {n_pos} positive and {n_neg} negative examples; "
+                                     "need at least 2 of each")
+                xtr, xte, ytr, yte = train_test_split(x, y, test_size=self.test_size, stratify=y, random_state=seed)
+                C = _choose_C(xtr, ytr, seed)
+                held = _fit_logistic(xtr, ytr, C, seed)
+                margin = held.decision_function(xte)
+                auc = float(roc_auc_score(yte, margin)) if len(np.unique(yte)) == 2 else float("nan")
+                acc = float(((margin > 0).astype(int) == yte).mean())
+                null, null_dirs, real_dirs = [], [], []
+                for _ in range(self.random_runs):
+                    # random-vs-random: the same images with shuffled labels (accuracy null and null CAVs)
+                    yperm = rng.permutation(y)
+                    ptr, pte, qtr, qte = train_test_split(x, yperm, test_size=self.test_size, stratify=yperm,
+                                                          random_state=int(rng.integers(2**31)))
+                    lr = _fit_logistic(ptr, qtr, C, seed)
+                    null.append((lr.predict(pte) == qte).mean())
+                    null_dirs.append(lr.coef_[0])
+                    # the concept's own CAV on an 80% subsample (spread of TCAV scores)
+                    sub = rng.choice(len(x), size=max(4, int(0.8 * len(x))), replace=False)
+                    if len(np.unique(y[sub])) < 2:
+                        sub = np.arange(len(x))
+                    real_dirs.append(_fit_logistic(x[sub], y[sub], C, seed).coef_[0])
+                runs_real[j] = _unit(np.array(real_dirs).reshape(-1, a.shape[1]) / scale)
+                runs_null[j] = _unit(np.array(null_dirs).reshape(-1, a.shape[1]) / scale)
+                p_value = null_p_value(acc, np.array(null)) if self.random_runs >= 2 else float("nan")
+                final = _fit_logistic(x, y, C, seed)  # the probe used downstream sees every labelled image
+                coef[j], intercept[j] = final.coef_[0], final.intercept_[0]
+                self.C_[(concept, layer)] = C
+                rows.append({"concept": concept, "layer": layer, "auc": auc, "accuracy": acc,
+                             "n_pos": n_pos, "n_neg": n_neg, "tcav_score": np.nan, "p_value": p_value})
+            self._probes[layer] = _LayerProbes(mean, scale, coef, intercept, runs_real, runs_null)
+        q = pd.DataFrame(rows, columns=QUALITY_COLUMNS[:-1])
+        n_tests = max(1, len(q))
+        q["significant"] = (q["p_value"] < self.alpha / n_tests) & (q["accuracy"] > 0.5)
+        self.quality_ = q[QUALITY_COLUMNS]
+        self.layer_ = str(q.groupby("layer", sort=False)["auc"].mean().idxmax())
+        return self
+
+    def _check(self):
+        if not hasattr(self, "_probes"):
+            raise NotFittedError("ConceptProbes is not fitted yet; call fit(acts, labels) first")
+
+    def _layer(self, layer):
+        self._check()
+        layer = self.layer_ if layer is None else layer
+        if layer not in self._probes:
+            raise InputError(f"layer '{layer}': the probes were fitted on {', '.join(self._probes)}")
+        return layer
+
+    def _acts(self, acts, layer):
+        return acts[layer] if isinstance(acts, dict) else acts
+
+    def decision_function(self, acts, layer: str | None = None) -> pd.DataFrame:
+        """Signed margins (log-odds that each concept is present), columns named by concept."""
+        layer = self._layer(layer)
+        return pd.DataFrame(self._probes[layer].margins(self._acts(acts, layer)), columns=self.concepts_)
+
+    def transform(self, acts, layer: str | None = None) -> pd.DataFrame:
+        """Concept scores in [0, 1] (probability the concept is present), shape (n_images, n_concepts).
+
+        Parameters
+        ----------
+        acts : dict of str to ndarray, or ndarray of shape (n_images, d)
+        layer : str, optional
+            Default: :attr:`layer_`.
+        """
+        m = self.decision_function(acts, layer)
+        return 1.0 / (1.0 + np.exp(-m.clip(-50, 50)))
+
+    def cavs(self, layer: str | None = None) -> np.ndarray:
+        """Unit-norm concept activation vectors in raw activation space, shape (n_concepts, d)."""
+        layer = self._layer(layer)
+        p = self._probes[layer]
+        return _unit(p.coef / p.scale)
+
+    def cav_runs(self, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per concept, ``random_runs`` CAVs on subsamples and as many random-vs-random (shuffled-label)
+        CAVs, each of shape (n_concepts, random_runs, d): the inputs of TCAV's significance test."""
+        layer = self._layer(layer)
+        p = self._probes[layer]
+        return p.runs_real, p.runs_null
+
+    # ---------------------------------------------------------------- persistence
+    def to_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able metadata, arrays) describing the fitted probes."""
+        self._check()
+        arrays = {}
+        for i, p in enumerate(self._probes.values()):
+            for key in _STATE_KEYS:
+                arrays[f"l{i}_{key}"] = getattr(p, key)
+        meta = {"concepts": self.concepts_, "layers": list(self._probes), "layer": self.layer_,
+                "params": {"test_size": self.test_size, "random_runs": self.random_runs, "alpha": self.alpha,
+                           "random_state": self.random_state}}
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays) -> ConceptProbes:
+        self = cls(**meta["params"])
+        self.concepts_ = list(meta["concepts"])
+        self.layers_ = list(meta["layers"])
+        self.layer_ = meta["layer"]
+        self._probes = {layer: _LayerProbes(*(np.asarray(arrays[f"l{i}_{k}"], dtype=np.float64)
+                                              for k in _STATE_KEYS))
+                        for i, layer in enumerate(self.layers_)}
+        return self
+
+    def select(self, concepts) -> ConceptProbes:
+        """A copy keeping only ``concepts`` (in that order)."""
+        self._check()
+        idx = [self.concepts_.index(c) for c in concepts]
+        meta, arrays = self.to_state()
+        meta = json.loads(json.dumps(meta))
+        meta["concepts"] = list(concepts)
+        for i in range(len(self.layers_)):
+            arrays[f"l{i}_coef"] = arrays[f"l{i}_coef"][idx]
+            for key in ("intercept", "runs_real", "runs_null"):
+                arrays[f"l{i}_{key}"] = arrays[f"l{i}_{key}"][idx]
+        out = ConceptProbes.from_state(meta, arrays)
+        if hasattr(self, "quality_"):
+            out.quality_ = self.quality_[self.quality_["concept"].isin(concepts)].reset_index(drop=True)
+        return out

@@ -1,0 +1,194 @@
+"""The pipeline as library functions: probe concepts, distil a surrogate, measure its fidelity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.model_selection import train_test_split
+
+from concepts.activations import extract
+from concepts.errors import InputError
+from concepts.images import ImageSet, Preprocess
+from concepts.probes import ConceptProbes
+from concepts.teacher import Teacher
+
+from .estimators import LinearSurrogate, TreeSurrogate
+from .metrics import bootstrap_ci, kl_divergence, softmax, total_variation
+from .model import SurrogateModel
+
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+LINEAR_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+COMPLETE_AT = 0.95
+
+
+def fit_probes(teacher: Teacher, concepts: ImageSet, layers: Sequence[str] | str, preprocess: Preprocess, *,
+               random_runs: int = 10, pooling: str = "mean", test_size: float = 0.25, seed: int = 0,
+               batch_size: int = 64, progress: bool = True) -> tuple[ConceptProbes, dict[str, np.ndarray]]:
+    """Extract activations of the concept examples and fit one linear probe per concept and layer.
+
+    Returns
+    -------
+    probes : ConceptProbes
+    acts : dict of str to ndarray
+        Pooled activations of the concept examples per layer (for TCAV).
+    """
+    layers = teacher.resolve_layers(layers)
+    acts = extract(teacher, concepts, layers, preprocess, batch_size=batch_size, pooling=pooling,
+                   progress=progress, desc="probe").layers
+    probes = ConceptProbes(test_size=test_size, random_runs=random_runs, random_state=seed)
+    probes.fit(acts, concepts.table[concepts.concepts])
+    return probes, acts
+
+
+def parse_classes(value, n_outputs: int | None = None) -> list[str] | None:
+    """``--classes``: comma-separated names or a file with one name per line."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        names = [str(v) for v in value]
+    else:
+        from pathlib import Path
+        p = Path(value)
+        if p.is_file():
+            names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        elif "," in value or not (p.suffix or "/" in value):
+            names = [s.strip() for s in value.split(",") if s.strip()]
+        else:
+            raise InputError(f"--classes {value}: no such file (give a file with one name per line, or a,b,c)")
+    if len(set(names)) != len(names):
+        raise InputError(f"--classes: duplicate class names in {', '.join(names)}")
+    if n_outputs is not None and len(names) != n_outputs:
+        raise InputError(f"--classes: {len(names)} names given but the teacher has {n_outputs} outputs")
+    return names
+
+
+def _make(kind, *, max_depth, max_leaves, C, seed):
+    if kind == "tree":
+        return TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, random_state=seed)
+    if kind == "linear":
+        return LinearSurrogate(C=C, random_state=seed)
+    raise InputError(f"--kind {kind!r}: expected 'tree' or 'linear'")
+
+
+def ceiling_fidelity(X_train, y_train, X_test, y_test, *, seed: int = 0) -> float:
+    """Held-out agreement of an unconstrained model (gradient boosting) fitted to the teacher's labels.
+
+    ``ceiling = mean_i [g(s_i) == argmax p_i]`` over held-out images: how much of the teacher the
+    concept scores can explain at all.
+    """
+    if len(np.unique(y_train)) < 2:
+        return float(np.mean(y_test == y_train[0]))
+    g = HistGradientBoostingClassifier(random_state=seed, max_iter=200).fit(X_train, y_train)
+    return float(np.mean(g.predict(X_test) == y_test))
+
+
+def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preprocess: Preprocess, *,
+            kind: str = "tree", max_depth: int | None = 4, max_leaves: int | None = None,
+            temperature: float | str = 1.0, test_size: float = 0.3, classes: Sequence[str] | None = None,
+            pooling: str = "mean", seed: int = 0, batch_size: int = 64, progress: bool = True,
+            layer: str | None = None) -> SurrogateModel:
+    """Distil the teacher's temperature-softened outputs into a surrogate over concept scores.
+
+    Parameters
+    ----------
+    kind : {"tree", "linear"}
+    max_depth, max_leaves : int or None
+        Tree complexity.
+    temperature : float or "auto"
+        Softmax temperature T of the soft targets ``softmax(z / T)``; ``auto`` picks T from
+        :data:`TEMPERATURES` by fidelity on a validation split of the training images.
+    test_size : float, default=0.3
+        Fraction of images held out (never used for fitting or choosing anything) for the metrics.
+    classes : sequence of str, optional
+        Names of the teacher's outputs; default ``class_0 … class_{K-1}``.
+    layer : str, optional
+        Probe layer; default the probes' best layer.
+
+    Returns
+    -------
+    SurrogateModel
+        With ``metrics`` holding the keys of ``metrics.json`` (DESIGN.md).
+    """
+    if not (0 < test_size < 1):
+        raise InputError(f"--test-size {test_size}: expected a fraction in (0, 1)")
+    if max_depth is not None and max_depth < 1:
+        raise InputError(f"--max-depth {max_depth}: expected a positive integer")
+    if max_leaves is not None and max_leaves < 2:
+        raise InputError(f"--max-leaves {max_leaves}: expected an integer >= 2")
+    layer = layer or probes.layer_
+    acts = extract(teacher, images, [layer], preprocess, batch_size=batch_size, pooling=pooling,
+                   progress=progress, desc="distill")
+    logits = acts.logits
+    K = logits.shape[1]
+    classes = list(classes) if classes is not None else [f"class_{k}" for k in range(K)]
+    if len(classes) != K:
+        raise InputError(f"--classes: {len(classes)} names given but the teacher has {K} outputs")
+    scores = probes.transform(acts.layers[layer], layer)
+    n = len(scores)
+    if n < 10:
+        raise InputError(f"--images: {n} images; distillation needs at least 10")
+    hard = logits.argmax(1)
+    counts = np.bincount(hard, minlength=K)
+    strat = hard if counts[counts > 0].min() >= 2 else None
+    train, test = train_test_split(np.arange(n), test_size=test_size, random_state=seed, stratify=strat)
+    X = scores.to_numpy()
+
+    def targets(idx, T):
+        return pd.DataFrame(softmax(logits[idx], T), columns=classes)
+
+    # choices made on a validation split of the training images only
+    tr, va = train_test_split(train, test_size=0.25, random_state=seed)
+    C = 1.0
+    if kind == "linear":
+        T0 = 1.0 if temperature == "auto" else float(temperature)
+        fits = [(c, _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=c, seed=seed)
+                 .fit(scores.iloc[tr], targets(tr, T0))) for c in LINEAR_C]
+        fids = [f.score(scores.iloc[va], targets(va, 1.0)) for _, f in fits]
+        best = max(fids)
+        C = next(c for (c, _), f in zip(fits, fids) if f >= best - 0.01)  # smallest model within 1 point
+    if temperature == "auto":
+        fids = [_make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed)
+                .fit(scores.iloc[tr], targets(tr, T)).score(scores.iloc[va], targets(va, 1.0)) for T in TEMPERATURES]
+        T = TEMPERATURES[int(np.argmax(fids))]
+    else:
+        T = float(temperature)
+        if T <= 0:
+            raise InputError(f"--temperature {temperature}: expected a positive number or 'auto'")
+
+    est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed).fit(scores.iloc[train], targets(train, T))
+    q = est.predict_proba(scores.iloc[test])
+    p_test = softmax(logits[test], T)
+    agree = np.argmax(q, 1) == hard[test]
+    hard_est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed)
+    hard_est.fit(scores.iloc[train], np.array(classes, dtype=object)[hard[train]])
+    hard_fid = float(np.mean(hard_est.predict(scores.iloc[test]) == np.array(classes, dtype=object)[hard[test]]))
+    ceiling = ceiling_fidelity(X[train], hard[train], X[test], hard[test], seed=seed)
+    per_class = [{"class": c, "fidelity": float(agree[hard[test] == k].mean()) if (hard[test] == k).any() else None,
+                  "n": int((hard[test] == k).sum())} for k, c in enumerate(classes)]
+    metrics = {
+        "kind": kind, "classes": classes, "concepts": list(scores.columns), "layer": layer,
+        "temperature": T, "n_train": int(len(train)), "n_test": int(len(test)),
+        "fidelity": float(agree.mean()), "fidelity_ci": list(bootstrap_ci(agree, seed=seed)),
+        "hard_label_fidelity": hard_fid, "ceiling_fidelity": ceiling,
+        "kl": kl_divergence(p_test, q), "total_variation": total_variation(p_test, q),
+        "depth": int(est.depth_) if kind == "tree" else None,
+        "n_leaves": int(est.n_leaves_) if kind == "tree" else None,
+        "n_nonzero": int(est.n_nonzero_) if kind == "linear" else int((est.feature_importances() > 0).sum()),
+        "C": C if kind == "linear" else None,
+        "per_class": per_class,
+        "concepts_complete": bool(ceiling >= COMPLETE_AT),
+        "seed": seed,
+    }
+    labels = images.labels
+    if labels is not None and all(lbl is not None for lbl in labels) and set(labels) <= set(classes):
+        metrics["teacher_accuracy"] = float(np.mean(np.array(classes, dtype=object)[hard] == np.array(labels, dtype=object)))
+    if not metrics["concepts_complete"]:
+        metrics["warning"] = (f"The concepts are incomplete: even an unconstrained model over these concept scores "
+                              f"agrees with the teacher on only {ceiling:.1%} of held-out images")
+    model = SurrogateModel(kind=kind, estimator=est, probes=probes, classes=classes, teacher=teacher.to_dict(),
+                           layer=layer, pooling=pooling, preprocess=preprocess, temperature=T, metrics=metrics)
+    model.fit_data = {"scores": scores, "logits": logits, "train": train, "test": test, "paths": images.paths}
+    return model
