@@ -260,14 +260,15 @@ def _draw_params(rng: np.random.Generator, seed: int, index: int) -> dict:
         )
     p["stripes"] = {"bands": bands}
     spots = []
-    for _ in range(int(rng.integers(3, 8))):
-        rad = math.sqrt(u(0, 1)) * 0.78
-        th = u(0, 2 * math.pi)
+    for _ in range(int(rng.integers(4, 8))):
+        # upper two thirds of the face: the snout and floppy ears would hide spots lower down
+        rad = math.sqrt(u(0, 1)) * 0.72
+        th = u(math.pi * 0.95, math.pi * 2.05)
         spots.append(
             {
                 "x": _f(rad * math.cos(th)),  # head-normalised coords
-                "y": _f(rad * math.sin(th)),
-                "r": _f(u(0.12, 0.22)),  # x rx
+                "y": _f(rad * math.sin(th) * 0.9 - 0.05),
+                "r": _f(u(0.15, 0.24)),  # x rx
                 "rot": _f(u(0, 2 * math.pi)),
                 "wobble": [_f(v) for v in rng.uniform(0.7, 1.3, 9)],
             }
@@ -753,10 +754,10 @@ def render(
     clip = _head_mask(p["head"], S)
     if c.get("stripes"):
         _draw_stripes(img, p, S, clip)
-    if c.get("spots"):
-        _draw_spots(img, p, S, clip)
     if c.get("fur"):
         _draw_fur_texture(img, p, S, clip)
+    if c.get("spots"):  # on top of the fur, so fur never hides them
+        _draw_spots(img, p, S, clip)
     if c.get("floppy_ears"):
         _draw_floppy_ears(img, p, S)
     if c.get("long_snout"):

@@ -135,7 +135,7 @@ def export_teacher(model: nn.Module, path, *, image_size: int, classes=None, pre
     meta = {"preprocess": preprocess or {"image_size": image_size, "mean": None, "std": None}}
     if classes is not None:
         meta["classes"] = list(classes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt2")
     os.close(fd)
     try:
         torch.export.save(program, tmp, extra_files={META_FILE: json.dumps(meta)})

@@ -269,3 +269,47 @@ class ConceptProbes:
         if hasattr(self, "quality_"):
             out.quality_ = self.quality_[self.quality_["concept"].isin(concepts)].reset_index(drop=True)
         return out
+
+
+# -------------------------------------------------------------------------------- PROBES_DIR
+PROBES_FORMAT_VERSION = 1
+
+
+def save_probes(path, probes: ConceptProbes, *, teacher: dict, preprocess: dict, pooling: str,
+                quality: pd.DataFrame | None = None):
+    """Write ``PROBES_DIR`` atomically: ``quality.csv``, ``probes.json`` (metadata) and ``probes.npz``."""
+    from .fileio import atomic_dir, to_json
+    meta, arrays = probes.to_state()
+    doc = {"format_version": PROBES_FORMAT_VERSION, "teacher": teacher, "preprocess": preprocess,
+           "pooling": pooling, "probes": meta}
+    with atomic_dir(path) as tmp:
+        (tmp / "probes.json").write_text(to_json(doc) + "\n")
+        np.savez(tmp / "probes.npz", **arrays)
+        (quality if quality is not None else probes.quality_).to_csv(tmp / "quality.csv", index=False)
+    return path
+
+
+def load_probes(path) -> tuple[ConceptProbes, dict]:
+    """Read a ``PROBES_DIR``; returns the probes and the metadata (teacher, preprocess, pooling)."""
+    from pathlib import Path
+    path = Path(path)
+    mfile = path / "probes.json"
+    if not mfile.is_file():
+        raise InputError(f"--probes {path}: no probes.json; expected a folder written by 'surrogate probe'")
+    try:
+        doc = json.loads(mfile.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{mfile}: not valid JSON ({e})") from None
+    if doc.get("format_version") != PROBES_FORMAT_VERSION:
+        raise InputError(f"{mfile}: format version {doc.get('format_version')!r} is not supported "
+                         f"(expected {PROBES_FORMAT_VERSION}); run 'surrogate probe' again")
+    try:
+        with np.load(path / "probes.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path / 'probes.npz'}: cannot read arrays without unpickling ({e})") from None
+    probes = ConceptProbes.from_state(doc["probes"], arrays)
+    q = path / "quality.csv"
+    if q.is_file():
+        probes.quality_ = pd.read_csv(q)
+    return probes, doc

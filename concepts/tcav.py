@@ -11,6 +11,7 @@ activations, ``grad_a z_k(x) · v`` over the flattened vector).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,7 +121,9 @@ def tcav(teacher: Teacher, images: ImageSet, preprocess: Preprocess, probes, cla
             if runs < 2 or np.ptp(np.concatenate([a, b])) == 0:
                 p = 1.0
             else:
-                p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # near-identical run scores
+                    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
                 p = 1.0 if np.isnan(p) else p
             gate = True
             if quality is not None:

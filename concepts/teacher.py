@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -288,7 +289,8 @@ def _load_export(path: Path, spec: str) -> Teacher:
         raise TeacherError(f"--teacher {path}: no such file")
     extra = {META_FILE: ""}
     try:
-        with stdout_to_stderr():
+        with stdout_to_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices while unpickling specs
             program = torch.export.load(str(path), extra_files=extra)
             module = torch.export.unflatten(program)
     except Exception as e:
@@ -300,7 +302,7 @@ def _load_export(path: Path, spec: str) -> Teacher:
         size = _exported_image_size(program)
         preprocess = Preprocess(size) if size else None
     return Teacher(module, spec, weights_sha256=sha256_file(path), preprocess=preprocess,
-                   classes=meta.get("classes"), weights_path=str(path))
+                   classes=meta.get("classes"))
 
 
 def _exported_image_size(program) -> int | None:
@@ -330,7 +332,7 @@ def _load_script(path: Path, spec: str) -> Teacher:
                            "torchvision:NAME or package.module:factory with --weights") from None
     meta = _read_meta(extra.get(META_FILE, ""), spec)
     return Teacher(module, spec, weights_sha256=sha256_file(path), preprocess=_meta_preprocess(meta),
-                   classes=meta.get("classes"), scripted=True, weights_path=str(path))
+                   classes=meta.get("classes"), scripted=True)
 
 
 def _load_state(module: nn.Module, weights: str, spec: str) -> None:

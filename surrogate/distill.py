@@ -89,7 +89,7 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
             kind: str = "tree", max_depth: int | None = 4, max_leaves: int | None = None,
             temperature: float | str = 1.0, test_size: float = 0.3, classes: Sequence[str] | None = None,
             pooling: str = "mean", seed: int = 0, batch_size: int = 64, progress: bool = True,
-            layer: str | None = None) -> SurrogateModel:
+            layer: str | None = None, activations=None) -> SurrogateModel:
     """Distil the teacher's temperature-softened outputs into a surrogate over concept scores.
 
     Parameters
@@ -106,6 +106,9 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         Names of the teacher's outputs; default ``class_0 … class_{K-1}``.
     layer : str, optional
         Probe layer; default the probes' best layer.
+    activations : concepts.activations.Activations, optional
+        Activations of ``images`` at ``layer`` already extracted with ``preprocess`` and ``pooling``
+        (to distil several surrogates from one pass over the images).
 
     Returns
     -------
@@ -119,8 +122,10 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     if max_leaves is not None and max_leaves < 2:
         raise InputError(f"--max-leaves {max_leaves}: expected an integer >= 2")
     layer = layer or probes.layer_
-    acts = extract(teacher, images, [layer], preprocess, batch_size=batch_size, pooling=pooling,
-                   progress=progress, desc="distill")
+    acts = activations if activations is not None else extract(
+        teacher, images, [layer], preprocess, batch_size=batch_size, pooling=pooling, progress=progress, desc="distill")
+    if layer not in acts.layers or len(acts.logits) != len(images):
+        raise InputError(f"activations: expected layer '{layer}' for {len(images)} images")
     logits = acts.logits
     K = logits.shape[1]
     classes = list(classes) if classes is not None else [f"class_{k}" for k in range(K)]
@@ -190,5 +195,19 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
                               f"agrees with the teacher on only {ceiling:.1%} of held-out images")
     model = SurrogateModel(kind=kind, estimator=est, probes=probes, classes=classes, teacher=teacher.to_dict(),
                            layer=layer, pooling=pooling, preprocess=preprocess, temperature=T, metrics=metrics)
+    if kind == "tree":
+        model.examples = leaf_examples(est, scores.iloc[train], logits[train], [str(images.paths[i]) for i in train])
     model.fit_data = {"scores": scores, "logits": logits, "train": train, "test": test, "paths": images.paths}
     return model
+
+
+def leaf_examples(est: TreeSurrogate, scores: pd.DataFrame, logits: np.ndarray, paths: Sequence[str]) -> dict[int, str]:
+    """For each leaf, the image whose teacher probability of the leaf's class is highest among those in it."""
+    leaves = est.apply(scores)
+    probs = softmax(logits, 1.0)
+    out = {}
+    for leaf in np.unique(leaves):
+        idx = np.nonzero(leaves == leaf)[0]
+        k = int(np.argmax(est.tree_.value[leaf]))
+        out[int(leaf)] = paths[int(idx[np.argmax(probs[idx, k])])]
+    return out

@@ -130,6 +130,7 @@ class TreeSurrogate(ClassifierMixin, BaseEstimator):
         return self.tree_.value[self.tree_.apply(X)]
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self, "tree_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def score(self, X, y, sample_weight=None):
@@ -259,6 +260,7 @@ class LinearSurrogate(ClassifierMixin, BaseEstimator):
         return e / e.sum(1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
     def score(self, X, y, sample_weight=None):

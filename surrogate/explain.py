@@ -136,7 +136,7 @@ def _best_per_label(options, concepts, classes, n):
                     "surrogate_label": classes[label]})
         if len(out) == n:
             break
-    return out
+    return out[:max(n, 0)]
 
 
 def _scan_counterfactuals(model, x, n, grid: int = 101):
@@ -210,3 +210,22 @@ def plot_explanation(explanation: dict, image, out_path, *, dpi: int = 110) -> P
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return atomic_write_bytes(out_path, buf.getvalue())
+
+
+def format_explanation(e: dict) -> str:
+    """A few lines of plain text for a person reading the terminal."""
+    t, s = e["teacher"], e["surrogate"]
+    lines = [f"teacher:   {t['label']} ({t['probs'][t['label']]:.0%})",
+             f"surrogate: {s['label']} ({s['probs'][s['label']]:.0%}) - " + ("agrees" if s["agrees"] else "DISAGREES")]
+    if e["path"]:
+        because = " AND ".join(f"{st['concept'].replace('_', ' ')} {st['went']} {st['threshold']:.2f} ({st['value']:.2f})"
+                               for st in e["path"])
+        lines.append(f"because:   {because}")
+    else:
+        top = sorted(e["contributions"].items(), key=lambda kv: -abs(kv[1]))[:4]
+        lines.append("because:   " + ", ".join(f"{c.replace('_', ' ')} {v:+.2f}" for c, v in top))
+    lines.append("concepts:  " + ", ".join(f"{c.replace('_', ' ')} {v:.2f}" for c, v in e["concept_scores"].items()))
+    for cf in e["counterfactuals"]:
+        ch = ", ".join(f"{c.replace('_', ' ')} -> {v:.2f}" for c, v in cf["changes"].items())
+        lines.append(f"would be {cf['surrogate_label']} if {ch}")
+    return "\n".join(lines)

@@ -382,6 +382,21 @@ def _pipe(source: str, fmt: str) -> bytes:
         raise InputError(_NO_DOT) from None
 
 
+def _embed_images(svg: bytes, thumbnails) -> bytes:
+    """Replace references to thumbnail files in an SVG by data URIs, so the SVG stands alone."""
+    import base64
+    text = svg.decode("utf-8")
+    for path in {str(p) for p in dict(thumbnails).values()}:
+        try:
+            data = pathlib.Path(path).read_bytes()
+        except OSError:
+            continue
+        mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+        uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        text = text.replace(f'"{_esc(path)}"', f'"{uri}"')
+    return text.encode("utf-8")
+
+
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -423,6 +438,8 @@ def render(surrogate, out_path, *, concept_names=None, class_names=None, highlig
     source = _DotExporter(surrogate, concept_names=concept_names, class_names=class_names, highlight=highlight,
                           thumbnails=thumbnails, title=title, graph_attrs=graph_attrs).export()
     data = source.encode("utf-8") if fmt == "dot" else _pipe(source, fmt)
+    if fmt == "svg" and thumbnails:
+        data = _embed_images(data, thumbnails)
     if out.parent != pathlib.Path("") and not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out, data)

@@ -60,6 +60,8 @@ class SurrogateModel:
     preprocess: Preprocess
     temperature: float
     metrics: dict = field(default_factory=dict)
+    #: leaf index -> path of the distillation image most typical of that leaf (tree thumbnails)
+    examples: dict = field(default_factory=dict)
     #: what distillation saw (scores, teacher probabilities, split); not saved
     fit_data: dict | None = field(default=None, repr=False, compare=False)
 
@@ -110,6 +112,7 @@ class SurrogateModel:
             "format_version": FORMAT_VERSION, "kind": self.kind, "teacher": self.teacher, "layer": self.layer,
             "pooling": self.pooling, "preprocess": self.preprocess.to_dict(), "concepts": self.concepts,
             "classes": self.classes, "temperature": self.temperature, "probes": probe_meta,
+            "examples": {str(k): v for k, v in self.examples.items()},
             "estimator": {"params": est.get_params(), **({"transform": est.transform_} if self.kind == "linear" else {})},
         }
         with atomic_dir(path) as tmp:
@@ -161,5 +164,6 @@ class SurrogateModel:
             metrics = json.loads((path / "metrics.json").read_text())
         return cls(kind=kind, estimator=est, probes=probes, classes=list(meta["classes"]), teacher=meta["teacher"],
                    layer=meta["layer"], pooling=meta["pooling"], preprocess=Preprocess.from_dict(meta["preprocess"]),
-                   temperature=float(meta["temperature"]), metrics=metrics)
+                   temperature=float(meta["temperature"]), metrics=metrics,
+                   examples={int(k): v for k, v in meta.get("examples", {}).items()})
 
