@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,47 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InputError, LayerNotFoundError, TeacherError, did_you_mean
+from .errors import InputError
 from .images import ImageSet, Preprocess, default_workers, iter_batches
-from .teacher import Teacher
+from .teacher import Teacher, record  # noqa: F401  (record is part of this module's API)
 
 POOLINGS = ("mean", "max", "flatten")
-
-
-@contextlib.contextmanager
-def record(model: torch.nn.Module, layers: Sequence[str]):
-    """Record the outputs of ``layers`` of ``model`` during the forward passes inside the block.
-
-    Hooks are always removed, even on error. A requested layer that never ran raises an error when
-    the block exits.
-
-    Examples
-    --------
-    >>> import torch
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
-    >>> with record(net, ["0"]) as acts:
-    ...     _ = net(torch.zeros(1, 2))
-    >>> acts["0"].shape
-    torch.Size([1, 3])
-    """
-    modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules or not name:
-            raise LayerNotFoundError(f"Layer '{name}' not found in {type(model).__name__}."
-                                     f"{did_you_mean(name, [n for n in modules if n])}")
-    acts: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(
-                lambda _m, _i, out, name=name: acts.__setitem__(name, out)))
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in layers if n not in acts]
-    if missing:
-        raise TeacherError(f"Layer(s) {', '.join(missing)} never ran in the forward pass")
 
 
 def pool(t: torch.Tensor, how: str = "mean") -> torch.Tensor:

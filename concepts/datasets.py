@@ -19,33 +19,36 @@ Generation is split in two steps:
 
 Class rules (probability that a concept is present given the class)::
 
-    concept       cat   tiger  dog   cow   rabbit
-    fur           1     1      0.7   0.2   0.8
-    whiskers      1     1      0.15  0     1
-    pointy_ears   1     1      0     0     0
-    floppy_ears   0     0      1     0.4   1
-    stripes       0     1      0     0     0
-    spots         0.15  0      0.3   0.7   0.2
-    horns         0     0      0     1     0
-    long_snout    0     0      1     0.5   0
+    concept       cat   tiger  leopard  dog   cow   rabbit
+    fur           1     1      1        0.7   0.2   0.8
+    whiskers      1     1      1        0.15  0     1
+    pointy_ears   1     1      1        0     0     0
+    floppy_ears   0     0      0        1     0.4   1
+    stripes       0     1      0        0     0     0
+    spots         0     0      1        0.3   0.7   0.2
+    horns         0     0      0        0     1     0
+    long_snout    0     0      0        1     0.5   0
 
-A depth-4 decision tree (stripes -> horns -> pointy_ears -> long_snout)
-recovers the class exactly when ``label_noise=0``.
+A depth-3 decision tree (pointy_ears -> stripes, spots | horns -> long_snout)
+recovers the class exactly when ``label_noise=0``. Cat, tiger and leopard differ
+only by stripes and spots, so a teacher must see both to tell them apart. Cat, tiger
+and leopard are each drawn with probability 0.2, the others with 0.4/3.
 """
 
 from __future__ import annotations
 
 import colorsys
+import io
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw
+
+from .fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "CLASSES",
@@ -59,7 +62,7 @@ __all__ = [
     "write_concept_folders",
 ]
 
-CLASSES = ("cat", "tiger", "dog", "cow", "rabbit")
+CLASSES = ("cat", "tiger", "leopard", "dog", "cow", "rabbit")
 CONCEPTS = (
     "fur",
     "whiskers",
@@ -75,10 +78,9 @@ ALL_CONCEPTS = CONCEPTS + SPURIOUS
 
 # P(concept | class), in CONCEPTS order.
 _CLASS_RULES: dict[str, dict[str, float]] = {
-    "cat": dict(
-        fur=1, whiskers=1, pointy_ears=1, floppy_ears=0, stripes=0, spots=0.15, horns=0, long_snout=0
-    ),
+    "cat": dict(fur=1, whiskers=1, pointy_ears=1, floppy_ears=0, stripes=0, spots=0, horns=0, long_snout=0),
     "tiger": dict(fur=1, whiskers=1, pointy_ears=1, floppy_ears=0, stripes=1, spots=0, horns=0, long_snout=0),
+    "leopard": dict(fur=1, whiskers=1, pointy_ears=1, floppy_ears=0, stripes=0, spots=1, horns=0, long_snout=0),
     "dog": dict(
         fur=0.7, whiskers=0.15, pointy_ears=0, floppy_ears=1, stripes=0, spots=0.3, horns=0, long_snout=1
     ),
@@ -91,6 +93,13 @@ _CLASS_RULES: dict[str, dict[str, float]] = {
 }
 
 _DEFAULT_WATERMARK_P = 0.1
+
+# Class prior: the three pointy-eared cats 20% each, the others 40/3% each. Uniform priors would make
+# "pointy ears" and "horns" tie as the best first split (both remove 1/6 of the Gini impurity), and greedy
+# trees would then depend on tie-breaking; with this prior a depth-3 tree
+# (pointy_ears -> stripes/spots, horns -> long_snout) is the greedy one and recovers every class.
+_CLASS_PRIOR = (0.2, 0.2, 0.2, 0.4 / 3, 0.4 / 3, 0.4 / 3 + 1e-12)
+_CLASS_PRIOR = tuple(np.array(_CLASS_PRIOR) / sum(_CLASS_PRIOR))
 
 # Head palettes: (name, skin RGB, marking RGB). Markings (stripes, spots)
 # always contrast strongly with the skin: dark on light heads, light on dark.
@@ -293,8 +302,8 @@ def _draw_params(rng: np.random.Generator, seed: int, index: int) -> dict:
         "corner": int(rng.integers(4)),
         "kind": ["copyright", "logo"][int(rng.integers(2))],
         "letter": sorted(_LETTERS)[int(rng.integers(len(_LETTERS)))],
-        "size": _f(u(0.14, 0.19)),
-        "alpha": _f(u(0.6, 0.85)),
+        "size": _f(u(0.17, 0.22)),
+        "alpha": _f(u(0.75, 0.95)),
         "margin": _f(u(0.025, 0.05)),
     }
     return p
@@ -331,8 +340,8 @@ def make_samples(
     Returns
     -------
     list of ZooSample
-        Samples with ``index`` 0..n-1. The class is uniform over
-        :data:`CLASSES`; concepts follow the class rules in the module
+        Samples with ``index`` 0..n-1. The class is drawn from
+        :data:`CLASSES` with the prior in the module docstring; concepts follow the class rules in the module
         docstring. Geometry in ``params`` depends only on ``(seed, i)``, not
         on the class or on the other arguments.
     """
@@ -354,7 +363,7 @@ def _make_one(seed: int, i: int, watermark_class=None, watermark_corr=0.0, label
     """Sample ``i`` of ``make_samples(..., seed=seed)`` (arguments already validated)."""
     crng = np.random.default_rng([seed, i, 0])  # labels / concepts
     prng = np.random.default_rng([seed, i, 1])  # geometry
-    cls = CLASSES[int(crng.integers(len(CLASSES)))]
+    cls = CLASSES[int(crng.choice(len(CLASSES), p=_CLASS_PRIOR))]
     draws = crng.uniform(size=len(CONCEPTS) + 2)
     concepts = {c: bool(draws[k] < _CLASS_RULES[cls][c]) for k, c in enumerate(CONCEPTS)}
     if watermark_class is None:
@@ -777,27 +786,13 @@ def render(
 
 
 def _atomic_save_png(img: Image.Image, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _atomic_write_csv(df: pd.DataFrame, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, df.to_csv(index=False))
 
 
 def write_image_folder(samples: Sequence[ZooSample], out_dir, *, image_size: int = 64) -> pd.DataFrame:

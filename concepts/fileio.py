@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,10 +15,15 @@ import numpy as np
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and move it into place."""
+    """Write ``data`` to a temporary file beside ``path`` and move it into place.
+
+    The file gets ordinary permissions (``0o666`` less the umask, unlike ``mkstemp``'s ``0o600``); on any
+    error the temporary file is removed and an existing ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -86,3 +92,27 @@ def atomic_dir(path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path, *, what: str) -> dict:
+    """Read a JSON file; a one-line :class:`InputError` naming ``what`` when it is missing or malformed."""
+    from .errors import InputError
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what}: no {path.name} in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, read with ``allow_pickle=False`` (a pickled array is refused)."""
+    import zipfile
+
+    from .errors import InputError
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: cannot read arrays without unpickling ({e})") from None

@@ -293,22 +293,13 @@ def load_probes(path) -> tuple[ConceptProbes, dict]:
     """Read a ``PROBES_DIR``; returns the probes and the metadata (teacher, preprocess, pooling)."""
     from pathlib import Path
     path = Path(path)
+    from .fileio import load_arrays, read_json
     mfile = path / "probes.json"
-    if not mfile.is_file():
-        raise InputError(f"--probes {path}: no probes.json; expected a folder written by 'surrogate probe'")
-    try:
-        doc = json.loads(mfile.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{mfile}: not valid JSON ({e})") from None
+    doc = read_json(mfile, what=f"PROBES_DIR {path} (expected a folder written by 'surrogate probe')")
     if doc.get("format_version") != PROBES_FORMAT_VERSION:
         raise InputError(f"{mfile}: format version {doc.get('format_version')!r} is not supported "
                          f"(expected {PROBES_FORMAT_VERSION}); run 'surrogate probe' again")
-    try:
-        with np.load(path / "probes.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path / 'probes.npz'}: cannot read arrays without unpickling ({e})") from None
-    probes = ConceptProbes.from_state(doc["probes"], arrays)
+    probes = ConceptProbes.from_state(doc["probes"], load_arrays(path / "probes.npz"))
     q = path / "quality.csv"
     if q.is_file():
         probes.quality_ = pd.read_csv(q)

@@ -69,6 +69,60 @@ def eval_mode(module: nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
+def record(model: nn.Module, layers: Sequence[str], *, grad_layer: str | None = None):
+    """Record the outputs of ``layers`` of ``model`` during the forward passes inside the block.
+
+    Hooks are always removed, even on error. A requested layer that never ran raises
+    :class:`TeacherError` when the block exits. A module that runs twice keeps its first output.
+
+    Parameters
+    ----------
+    grad_layer : str, optional
+        One of ``layers`` whose output is replaced by a detached copy that requires grad, so the logits
+        can be differentiated with respect to it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    >>> with record(net, ["0"]) as acts:
+    ...     _ = net(torch.zeros(1, 2))
+    >>> acts["0"].shape
+    torch.Size([1, 3])
+    """
+    modules = dict(model.named_modules())
+    for name in layers:
+        if not name or name not in modules:
+            raise LayerNotFoundError(f"Layer '{name}' not found in {type(model).__name__}."
+                                     f"{did_you_mean(name, [n for n in modules if n])}")
+    acts: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_mod, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                raise TeacherError(f"Layer '{name}' returns {type(out).__name__}, not a tensor; choose another layer")
+            if name == grad_layer:
+                out = out.detach().requires_grad_(True)
+                acts[name] = out
+                return out
+            acts.setdefault(name, out)
+            return None
+        return hook
+
+    handles = []
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in acts]
+    if missing:
+        raise TeacherError(f"Layer(s) {', '.join(missing)} never ran in the teacher's forward pass; choose another layer")
+
+
 class Teacher:
     """A teacher network with its specification, weights hash and implied preprocessing.
 
@@ -154,32 +208,8 @@ class Teacher:
             return self._forward_hooks(x, layers, grad_layer)
 
     def _forward_hooks(self, x, layers, grad_layer):
-        modules = dict(self.module.named_modules())
-        acts: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def make_hook(name):
-            def hook(_mod, _inp, out):
-                if not isinstance(out, torch.Tensor):
-                    raise TeacherError(f"Layer '{name}' returns {type(out).__name__}, not a tensor; choose another layer")
-                if name == grad_layer:
-                    out = out.detach().requires_grad_(True)
-                    acts[name] = out
-                    return out
-                acts.setdefault(name, out)
-                return None
-            return hook
-
-        try:
-            for name in layers:
-                handles.append(modules[name].register_forward_hook(make_hook(name)))
+        with record(self.module, layers, grad_layer=grad_layer) as acts:
             logits = _as_logits(self.module(x))
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n in layers if n not in acts]
-        if missing:
-            raise TeacherError(f"Layer(s) {', '.join(missing)} never ran in the teacher's forward pass; choose another layer")
         return logits, acts
 
     def _forward_chain(self, x, layers, grad_layer):

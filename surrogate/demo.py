@@ -34,13 +34,13 @@ IMAGE_SIZE = 64
 LAYERS = ["layer3", "layer4"]
 WATERMARK_CLASS = "cow"
 WATERMARK_CORR = 0.8
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def demo_config(quick: bool, seed: int) -> dict:
     """Sizes and seeds of a demo run (a change retrains the teacher and redraws the data)."""
     n = (dict(train=1200, test=300, concepts=400, images=500, audit=200, tcav=30, epochs=5) if quick else
-         dict(train=2000, test=500, concepts=600, images=1200, audit=400, tcav=60, epochs=6))
+         dict(train=2400, test=500, concepts=800, images=1200, audit=400, tcav=60, epochs=6))
     return {"version": DATA_VERSION, "seed": seed, "image_size": IMAGE_SIZE, "width": 8,
             "watermark": [WATERMARK_CLASS, WATERMARK_CORR], **n}
 

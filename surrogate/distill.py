@@ -65,12 +65,47 @@ def parse_classes(value, n_outputs: int | None = None) -> list[str] | None:
     return names
 
 
-def _make(kind, *, max_depth, max_leaves, C, seed):
+def _make(kind, *, max_depth, max_leaves, C, seed, ccp_alpha=0.0):
     if kind == "tree":
-        return TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, random_state=seed)
+        return TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, ccp_alpha=ccp_alpha, random_state=seed)
     if kind == "linear":
         return LinearSurrogate(C=C, random_state=seed)
     raise InputError(f"--kind {kind!r}: expected 'tree' or 'linear'")
+
+
+def select_complexity(kind, X_tr, P_tr, X_va, hard_va, *, max_depth, max_leaves, seed, tolerance=0.01,
+                      max_candidates: int = 25) -> dict:
+    """Fidelity-complexity frontier on a validation split, and the smallest model within ``tolerance``.
+
+    Trees: the cost-complexity pruning path of the depth/leaf-limited tree; linear: the ``C`` grid
+    :data:`LINEAR_C` (L1, fewer concepts for smaller C).
+
+    Returns
+    -------
+    dict with ``frontier`` (list of ``{n_leaves or n_nonzero, fidelity}``, simplest first), ``C`` and
+    ``ccp_alpha`` of the chosen model.
+    """
+    if kind == "tree":
+        alphas = np.unique(TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, random_state=seed)
+                           .cost_complexity_pruning_path(X_tr, P_tr))
+        if len(alphas) > max_candidates:
+            alphas = np.unique(np.quantile(alphas, np.linspace(0, 1, max_candidates), method="nearest"))
+        fits = [(a, _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=1.0, seed=seed, ccp_alpha=float(a))
+                 .fit(X_tr, P_tr)) for a in alphas]
+        size = [("n_leaves", f.n_leaves_) for _, f in fits]
+    else:
+        fits = [(c, _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=c, seed=seed).fit(X_tr, P_tr))
+                for c in LINEAR_C]
+        size = [("n_nonzero", f.n_nonzero_) for _, f in fits]
+    classes = np.asarray(P_tr.columns, dtype=object)
+    fids = [float(np.mean(f.predict(X_va) == classes[hard_va])) for _, f in fits]
+    best = max(fids)
+    order = sorted(range(len(fits)), key=lambda i: (size[i][1], -fids[i]))
+    chosen = next(i for i in order if fids[i] >= best - tolerance)
+    frontier = [{size[i][0]: int(size[i][1]), "fidelity": fids[i]} for i in order]
+    param = float(fits[chosen][0])
+    return {"frontier": frontier, "C": param if kind == "linear" else 1.0,
+            "ccp_alpha": param if kind == "tree" else 0.0, "chosen": frontier[order.index(chosen)]}
 
 
 def ceiling_fidelity(X_train, y_train, X_test, y_test, *, seed: int = 0) -> float:
@@ -89,7 +124,7 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
             kind: str = "tree", max_depth: int | None = 4, max_leaves: int | None = None,
             temperature: float | str = 1.0, test_size: float = 0.3, classes: Sequence[str] | None = None,
             pooling: str = "mean", seed: int = 0, batch_size: int = 64, progress: bool = True,
-            layer: str | None = None, activations=None) -> SurrogateModel:
+            layer: str | None = None, activations=None, tolerance: float = 0.01) -> SurrogateModel:
     """Distil the teacher's temperature-softened outputs into a surrogate over concept scores.
 
     Parameters
@@ -106,6 +141,9 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         Names of the teacher's outputs; default ``class_0 … class_{K-1}``.
     layer : str, optional
         Probe layer; default the probes' best layer.
+    tolerance : float, default=0.01
+        Complexity choice: the smallest model (fewest leaves, or fewest non-zero concepts) whose
+        validation fidelity is within ``tolerance`` of the best on the path.
     activations : concepts.activations.Activations, optional
         Activations of ``images`` at ``layer`` already extracted with ``preprocess`` and ``pooling``
         (to distil several surrogates from one pass over the images).
@@ -144,30 +182,26 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     def targets(idx, T):
         return pd.DataFrame(softmax(logits[idx], T), columns=classes)
 
-    # choices made on a validation split of the training images only
+    # every choice (temperature, sparsity, pruning) is made on a validation split of the training images
     tr, va = train_test_split(train, test_size=0.25, random_state=seed)
-    C = 1.0
-    if kind == "linear":
-        T0 = 1.0 if temperature == "auto" else float(temperature)
-        fits = [(c, _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=c, seed=seed)
-                 .fit(scores.iloc[tr], targets(tr, T0))) for c in LINEAR_C]
-        fids = [f.score(scores.iloc[va], targets(va, 1.0)) for _, f in fits]
-        best = max(fids)
-        C = next(c for (c, _), f in zip(fits, fids) if f >= best - 0.01)  # smallest model within 1 point
     if temperature == "auto":
-        fids = [_make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed)
+        fids = [_make(kind, max_depth=max_depth, max_leaves=max_leaves, C=1.0, seed=seed)
                 .fit(scores.iloc[tr], targets(tr, T)).score(scores.iloc[va], targets(va, 1.0)) for T in TEMPERATURES]
         T = TEMPERATURES[int(np.argmax(fids))]
     else:
         T = float(temperature)
         if T <= 0:
             raise InputError(f"--temperature {temperature}: expected a positive number or 'auto'")
+    complexity = select_complexity(kind, scores.iloc[tr], targets(tr, T), scores.iloc[va], hard[va],
+                                   max_depth=max_depth, max_leaves=max_leaves, seed=seed, tolerance=tolerance)
+    C, ccp_alpha = complexity["C"], complexity["ccp_alpha"]
 
-    est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed).fit(scores.iloc[train], targets(train, T))
+    est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed, ccp_alpha=ccp_alpha)
+    est.fit(scores.iloc[train], targets(train, T))
     q = est.predict_proba(scores.iloc[test])
     p_test = softmax(logits[test], T)
     agree = np.argmax(q, 1) == hard[test]
-    hard_est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed)
+    hard_est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed, ccp_alpha=ccp_alpha)
     hard_est.fit(scores.iloc[train], np.array(classes, dtype=object)[hard[train]])
     hard_fid = float(np.mean(hard_est.predict(scores.iloc[test]) == np.array(classes, dtype=object)[hard[test]]))
     ceiling = ceiling_fidelity(X[train], hard[train], X[test], hard[test], seed=seed)
@@ -183,6 +217,8 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         "n_leaves": int(est.n_leaves_) if kind == "tree" else None,
         "n_nonzero": int(est.n_nonzero_) if kind == "linear" else int((est.feature_importances() > 0).sum()),
         "C": C if kind == "linear" else None,
+        "ccp_alpha": ccp_alpha if kind == "tree" else None,
+        "frontier": complexity["frontier"],
         "per_class": per_class,
         "concepts_complete": bool(ceiling >= COMPLETE_AT),
         "seed": seed,

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
@@ -46,6 +46,8 @@ def _targets(estimator, X, y, sample_weight):
         P = np.zeros((len(idx), len(estimator.classes_)))
         P[np.arange(len(idx)), idx] = 1.0
     w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    if w.shape != (X.shape[0],) or (w < 0).any() or not (w > 0).any():
+        raise ValueError("sample_weight: expected one non-negative weight per row, not all of them zero")
     return X, P, w
 
 
@@ -117,6 +119,19 @@ class TreeSurrogate(ClassifierMixin, BaseEstimator):
         self.tree_ = TreeArrays.from_sklearn(tree, n_classes=P.shape[1])
         return self
 
+    def cost_complexity_pruning_path(self, X, y, sample_weight=None) -> np.ndarray:
+        """Effective alphas of minimal cost-complexity pruning for this tree's settings on (soft) targets.
+
+        Each alpha, passed as ``ccp_alpha``, gives the next smaller subtree of the unpruned tree
+        (Breiman et al. 1984); the same replication as :meth:`fit` makes them soft-target alphas.
+        """
+        X, P, w = _targets(clone(self), X, y, sample_weight)
+        Xr, kr, wr = _replicate(X, P, w)
+        tree = DecisionTreeClassifier(max_depth=self.max_depth, max_leaf_nodes=self.max_leaves,
+                                      min_weight_fraction_leaf=self.min_weight_fraction_leaf,
+                                      random_state=self.random_state)
+        return tree.cost_complexity_pruning_path(Xr, kr, sample_weight=wr).ccp_alphas
+
     def apply(self, X) -> np.ndarray:
         """Index of the leaf each row ends in."""
         check_is_fitted(self, "tree_")
@@ -176,6 +191,8 @@ class LinearSurrogate(ClassifierMixin, BaseEstimator):
     eps : float, default=1e-3
         Clipping for the logit transform.
     max_iter : int, default=3000
+    tol : float, default=1e-4
+        Stopping tolerance of the saga solver (smaller: closer to the optimum, slower).
     random_state : int, default=0
 
     Attributes
@@ -185,14 +202,18 @@ class LinearSurrogate(ClassifierMixin, BaseEstimator):
     intercept_ : ndarray of shape (n_classes,)
     mean_, scale_ : ndarray of shape (n_features,)
     transform_ : {"logit", "none"}
+    n_iter_ : int
+        Solver iterations used.
     """
 
-    def __init__(self, *, C=1.0, l1_ratio=1.0, input_transform="auto", eps=1e-3, max_iter=3000, random_state=0):
+    def __init__(self, *, C=1.0, l1_ratio=1.0, input_transform="auto", eps=1e-3, max_iter=3000, tol=1e-4,
+                 random_state=0):
         self.C = C
         self.l1_ratio = l1_ratio
         self.input_transform = input_transform
         self.eps = eps
         self.max_iter = max_iter
+        self.tol = tol
         self.random_state = random_state
 
     def _t(self, X):
@@ -228,12 +249,14 @@ class LinearSurrogate(ClassifierMixin, BaseEstimator):
             self.coef_ = np.zeros((K, X.shape[1]))
             self.intercept_ = np.full(K, -30.0)
             self.intercept_[present[0]] = 0.0
+            self.n_iter_ = 0
             return self
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             lr = LogisticRegression(C=self.C, l1_ratio=self.l1_ratio, solver="saga", max_iter=self.max_iter,
-                                    tol=1e-4, random_state=self.random_state)
+                                    tol=self.tol, random_state=self.random_state)
             lr.fit(Zr, kr, sample_weight=wr * (len(X) / wr.sum()))
+        self.n_iter_ = int(np.max(lr.n_iter_))
         coef = np.zeros((K, X.shape[1]))
         intercept = np.full(K, -30.0)
         if len(present) == 2:  # sklearn's binary parameterisation: one row for the second class

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import html
 import numbers
-import os
 import pathlib
-import secrets
 import shutil
 import subprocess
 import warnings
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from concepts.errors import InputError, NotFittedError
+from concepts.fileio import atomic_write_bytes
 
 __all__ = ["export_text", "export_dot", "render"]
 
@@ -129,6 +128,14 @@ class _BaseExporter:
     def num(self, x: float) -> str:
         return f"{x:.{self.decimals}f}"
 
+    def cut(self, t: float) -> str:
+        """A threshold with ``decimals`` digits, more where rounding would hide it (0.9996 is not "1.00")."""
+        for digits in range(self.decimals, 7):
+            text = f"{t:.{digits}f}"
+            if float(text) != float(round(t)) or abs(t - round(t)) < 1e-7:
+                return text
+        return text
+
     def is_leaf(self, node: int) -> bool:
         return int(self.tree.children_left[node]) == LEAF
 
@@ -149,7 +156,7 @@ class _BaseExporter:
             return _NodeText(leaf=True, **common)
         concept = self.concept_names[int(t.feature[node])]
         return _NodeText(leaf=False, concept=concept, concept_words=_words(concept),
-                         threshold=self.num(float(t.threshold[node])), **common)
+                         threshold=self.cut(float(t.threshold[node])), **common)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,22 +404,6 @@ def _embed_images(svg: bytes, thumbnails) -> bytes:
     return text.encode("utf-8")
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 honours the umask, so the result has ordinary permissions (unlike mkstemp's 0600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def render(surrogate, out_path, *, concept_names=None, class_names=None, highlight=None, thumbnails=None,
            title=None, dpi=150) -> pathlib.Path:
     """Draw the tree to ``out_path``; the format follows the suffix: ``.svg``, ``.png``, ``.pdf`` or ``.dot``.
@@ -442,5 +433,5 @@ def render(surrogate, out_path, *, concept_names=None, class_names=None, highlig
         data = _embed_images(data, thumbnails)
     if out.parent != pathlib.Path("") and not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, data)
+    atomic_write_bytes(out, data)
     return out

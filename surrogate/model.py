@@ -9,7 +9,6 @@ pooling, preprocessing, concept and class names, temperature, estimator paramete
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from concepts.errors import InputError, TeacherError
-from concepts.fileio import atomic_dir, to_json, write_csv
+from concepts.fileio import atomic_dir, load_arrays, read_json, to_json, write_csv
 from concepts.images import Preprocess
 from concepts.probes import ConceptProbes
 from concepts.teacher import Teacher, load_teacher
@@ -129,21 +128,12 @@ class SurrogateModel:
         """Read a ``MODEL_DIR`` written by :meth:`save` (never unpickles)."""
         path = Path(path)
         mfile = path / MODEL_FILE
-        if not mfile.is_file():
-            raise InputError(f"MODEL_DIR {path}: no {MODEL_FILE}; expected a folder written by 'surrogate distill'")
-        try:
-            meta = json.loads(mfile.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{mfile}: not valid JSON ({e})") from None
+        meta = read_json(mfile, what=f"MODEL_DIR {path} (expected a folder written by 'surrogate distill')")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise InputError(f"{mfile}: format version {version!r} is not supported (this toolkit reads version "
                              f"{FORMAT_VERSION}); distill again with this version")
-        try:
-            with np.load(path / ARRAYS_FILE, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise InputError(f"{path / ARRAYS_FILE}: cannot read arrays without unpickling ({e})") from None
+        arrays = load_arrays(path / ARRAYS_FILE)
         kind = meta["kind"]
         if kind not in SURROGATES:
             raise InputError(f"{mfile}: unknown kind {kind!r}")

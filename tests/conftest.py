@@ -31,7 +31,7 @@ def toy_model():
     samples = zoo.make_samples(300, seed=10)
     x = torch.stack([pre(zoo.render(s, image_size=SIZE)) for s in samples])
     y = torch.tensor([zoo.CLASSES.index(s.label) for s in samples])
-    return train(ToyResNet(5, width=4), x, y, epochs=2, seed=0, progress=False).eval()
+    return train(ToyResNet(len(zoo.CLASSES), width=4), x, y, epochs=2, seed=0, progress=False).eval()
 
 
 @pytest.fixture(scope="session")

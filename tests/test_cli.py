@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+from concepts.datasets import CLASSES
 from surrogate.cli import main
 
 METRIC_KEYS = {"kind", "classes", "concepts", "layer", "temperature", "n_train", "n_test", "fidelity", "fidelity_ci",
@@ -74,7 +75,7 @@ def test_distill_outputs(models):
     for kind, d in models.items():
         m = json.loads((d / "metrics.json").read_text())
         assert METRIC_KEYS <= set(m)
-        assert m["kind"] == kind and m["classes"] == ["cat", "tiger", "dog", "cow", "rabbit"]
+        assert m["kind"] == kind and m["classes"] == list(CLASSES)
         assert 0 <= m["fidelity"] <= 1 and m["fidelity_ci"][0] <= m["fidelity"] <= m["fidelity_ci"][1]
         imp = pd.read_csv(d / "importance.csv")
         assert list(imp.columns) == ["concept", "importance"]

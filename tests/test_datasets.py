@@ -90,13 +90,15 @@ def test_class_rules(population):
     always = {
         "cat": ["pointy_ears", "whiskers", "fur"],
         "tiger": ["pointy_ears", "whiskers", "fur", "stripes"],
+        "leopard": ["pointy_ears", "whiskers", "fur", "spots"],
         "dog": ["floppy_ears", "long_snout"],
         "cow": ["horns"],
         "rabbit": ["floppy_ears", "whiskers"],
     }
     never = {
-        "cat": ["stripes", "horns", "floppy_ears", "long_snout"],
+        "cat": ["stripes", "horns", "floppy_ears", "long_snout", "spots"],
         "tiger": ["horns", "floppy_ears", "long_snout", "spots"],
+        "leopard": ["horns", "floppy_ears", "long_snout", "stripes"],
         "dog": ["pointy_ears", "horns", "stripes"],
         "cow": ["whiskers", "pointy_ears", "stripes"],
         "rabbit": ["long_snout", "horns", "pointy_ears", "stripes"],
@@ -111,13 +113,14 @@ def test_class_rules(population):
         assert not (s.concepts["pointy_ears"] and s.concepts["floppy_ears"])
     # classes are roughly uniform
     for c in CLASSES:
-        assert 0.15 < counts[c] / len(population) < 0.25
+        expected = 0.2 if c in ("cat", "tiger", "leopard") else 0.4 / 3
+        assert abs(counts[c] / len(population) - expected) < 0.04
 
 
 def test_class_conditional_rates(population):
     df = pd.DataFrame([{"label": s.label, **s.concepts} for s in population])
     rates = df.groupby("label")[list(CONCEPTS)].mean()
-    assert rates.loc["cat", "spots"] == pytest.approx(0.15, abs=0.06)
+    assert rates.loc["dog", "spots"] == pytest.approx(0.3, abs=0.08)
     assert rates.loc["dog", "fur"] == pytest.approx(0.7, abs=0.08)
     assert rates.loc["cow", "spots"] == pytest.approx(0.7, abs=0.08)
     assert rates.loc["cow", "floppy_ears"] == pytest.approx(0.4, abs=0.08)

@@ -265,12 +265,12 @@ def test_atomic_write_replaces_and_cleans_up(model, tmp_path, monkeypatch):
     assert out.read_bytes() != b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["tree.svg"]
 
-    import surrogate.export as export
+    import concepts.fileio as fileio
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     before = out.read_bytes()
     with pytest.raises(OSError):
         render(model, out, title="new")
