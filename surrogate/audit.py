@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from concepts.errors import InputError
@@ -19,6 +18,7 @@ from concepts.images import ImageSet, open_image
 from concepts.tcav import tcav
 from concepts.teacher import Teacher
 
+from .distill import ceiling_models
 from .explain import model_inputs
 from .metrics import fidelity
 from .model import SurrogateModel
@@ -27,17 +27,19 @@ FLAG_IMPORTANCE = 0.01  # a spurious concept with at least this surrogate import
 
 
 def cv_ceiling(X: np.ndarray, y: np.ndarray, *, seed: int = 0, folds: int = 5) -> np.ndarray:
-    """Cross-validated predictions of gradient boosting from concept scores to the teacher's labels.
+    """Cross-validated predictions of the unconstrained models of :func:`surrogate.distill.ceiling_models`.
 
-    ``ceiling_fidelity = mean_i [g_{-fold(i)}(s_i) == y_i]``: on the audited images, how much of the teacher
-    any model of these concept scores could explain (each image predicted by a model not fitted on it).
+    ``ceiling_fidelity = max_g mean_i [g_{-fold(i)}(s_i) == y_i]``: on the audited images, how much of the
+    teacher the better of those models explains, each image predicted by a model not fitted on it.
+    Returns the predictions of the better model.
     """
     counts = np.bincount(y)
     folds = int(min(folds, counts[counts > 0].min())) if len(counts[counts > 0]) > 1 else 0
     if folds < 2:
         return y.copy()
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return cross_val_predict(HistGradientBoostingClassifier(random_state=seed, max_iter=150), X, y, cv=cv)
+    preds = [cross_val_predict(model, X, y, cv=cv) for model in ceiling_models(seed).values()]
+    return max(preds, key=lambda p: float(np.mean(p == y)))
 
 
 def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = (), compare: SurrogateModel | None = None,
@@ -122,6 +124,7 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
         "unexplained": unexplained,
         "tcav": tc.to_dict(orient="records") if len(tc) else [],
         "flagged": [r["concept"] for r in concept_rows if r["flagged"]],
+        "tcav_degenerate": bool(len(tc)) and bool(tc["tcav_score"].isin([0.0, 1.0]).all()),
         "distill_metrics": model.metrics,
     }
     labels = images.labels
@@ -216,6 +219,11 @@ def report_html(report: dict, *, tree_svg: str | None = None, max_thumbs: int = 
                      f"<td class='num'>{_fmt(c['tcav_score'])}</td><td>{e(str(c.get('tcav_class') or '–'))}</td>"
                      f"<td class='num'>{_fmt(c['p_value'])}</td><td>{sig}</td><td class='num'>{_fmt(c.get('probe_auc'))}</td>"
                      f"<td>{'yes' if c['spurious'] else ''}</td></tr>")
+    if r.get("tcav_degenerate"):
+        parts.append("</table><p><span class='badge bad'>TCAV degenerate</span> Every TCAV score is 0 or 1: at this "
+                     "layer each class logit is linear in the activations (e.g. the last block before global pooling "
+                     "and a linear head), so the directional derivative is the same for every image. Probe an "
+                     "earlier layer for meaningful TCAV scores.</p><table style='display:none'>")
     parts.append("</table><p class='muted'>TCAV score: share of images whose class logit rises along the concept "
                  "direction, for the class where the concept is most significant; significance against random-vs-random "
                  "directions with Bonferroni correction.</p>")

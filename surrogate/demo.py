@@ -31,7 +31,9 @@ from .explain import explain_scores, plot_explanation
 from .render import render_model
 
 IMAGE_SIZE = 64
-LAYERS = ["layer3", "layer4"]
+# layer4 feeds global average pooling and a linear head, so a class logit is linear in it: its directional
+# derivatives are the same for every image and TCAV there can only say 0 or 1. Probe the block before it.
+LAYERS = ["layer3"]
 WATERMARK_CLASS = "cow"
 WATERMARK_CORR = 0.8
 DATA_VERSION = 3

@@ -14,6 +14,7 @@ from concepts.fileio import atomic_write_bytes
 from concepts.images import ImageSet, open_image
 from concepts.teacher import Teacher
 
+from .export import format_threshold
 from .metrics import softmax
 from .model import SurrogateModel
 
@@ -187,6 +188,10 @@ def plot_explanation(explanation: dict, image, out_path, *, dpi: int = 110) -> P
     colors = ["#d62728" if n in on_path else "#7f7f7f" for n in names]
     ax_bar.barh(y, [scores[n] for n in names], color=colors)
     ax_bar.set_yticks(y, [n.replace("_", " ") for n in names], fontsize=8)
+    for label, n in zip(ax_bar.get_yticklabels(), names):
+        if n in on_path:
+            label.set_color("#d62728")
+            label.set_fontweight("bold")
     ax_bar.invert_yaxis()
     ax_bar.set_xlim(0, 1)
     ax_bar.set_xlabel("concept score (probability present)", fontsize=8)
@@ -196,16 +201,17 @@ def plot_explanation(explanation: dict, image, out_path, *, dpi: int = 110) -> P
     lines = []
     if explanation["path"]:
         lines.append("path: " + " ∧ ".join(
-            f"{st['concept'].replace('_', ' ')} {st['went']} {st['threshold']:.2f}" for st in explanation["path"]))
+            f"{st['concept'].replace('_', ' ')} {st['went']} {format_threshold(st['threshold'])}" for st in explanation["path"]))
     else:
         top = sorted(explanation["contributions"].items(), key=lambda kv: -abs(kv[1]))[:3]
         lines.append("top contributions: " + ", ".join(f"{c.replace('_', ' ')} {v:+.2f}" for c, v in top))
     for cf in explanation["counterfactuals"][:2]:
         ch = ", ".join(f"{c.replace('_', ' ')}→{v:.2f}" for c, v in cf["changes"].items())
         lines.append(f"would be {cf['surrogate_label']} if {ch}")
-    ax_bar.set_title("red: concepts on the decision path", fontsize=8)
+    ax_bar.set_title("concept scores (red: on the decision path, ticks: its thresholds)" if on_path
+                     else "concept scores", fontsize=8)
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=8, va="bottom")
-    fig.tight_layout(rect=(0, 0.08 + 0.03 * len(lines), 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(lines), 1, 0.96))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -218,7 +224,7 @@ def format_explanation(e: dict) -> str:
     lines = [f"teacher:   {t['label']} ({t['probs'][t['label']]:.0%})",
              f"surrogate: {s['label']} ({s['probs'][s['label']]:.0%}) - " + ("agrees" if s["agrees"] else "DISAGREES")]
     if e["path"]:
-        because = " AND ".join(f"{st['concept'].replace('_', ' ')} {st['went']} {st['threshold']:.2f} ({st['value']:.2f})"
+        because = " AND ".join(f"{st['concept'].replace('_', ' ')} {st['went']} {format_threshold(st['threshold'])} ({st['value']:.2f})"
                                for st in e["path"])
         lines.append(f"because:   {because}")
     else:
@@ -229,3 +235,4 @@ def format_explanation(e: dict) -> str:
         ch = ", ".join(f"{c.replace('_', ' ')} -> {v:.2f}" for c, v in cf["changes"].items())
         lines.append(f"would be {cf['surrogate_label']} if {ch}")
     return "\n".join(lines)
+

@@ -72,6 +72,16 @@ def _tint(color: str, alpha: float) -> str:
     return "#" + "".join(f"{round(255 + alpha * (c - 255)):02x}" for c in rgb)
 
 
+def format_threshold(t: float, decimals: int = 2) -> str:
+    """A threshold with ``decimals`` digits, more where rounding would hide it (0.9996 is not "1.00")."""
+    text = f"{t:.{decimals}f}"
+    for digits in range(decimals, 7):
+        text = f"{t:.{digits}f}"
+        if float(text) != float(round(t)) or abs(t - round(t)) < 1e-7:
+            break
+    return text
+
+
 def _check_fitted(surrogate):
     tree = getattr(surrogate, "tree_", None)
     if tree is None or not hasattr(surrogate, "classes_"):
@@ -129,12 +139,7 @@ class _BaseExporter:
         return f"{x:.{self.decimals}f}"
 
     def cut(self, t: float) -> str:
-        """A threshold with ``decimals`` digits, more where rounding would hide it (0.9996 is not "1.00")."""
-        for digits in range(self.decimals, 7):
-            text = f"{t:.{digits}f}"
-            if float(text) != float(round(t)) or abs(t - round(t)) < 1e-7:
-                return text
-        return text
+        return format_threshold(t, self.decimals)
 
     def is_leaf(self, node: int) -> bool:
         return int(self.tree.children_left[node]) == LEAF
