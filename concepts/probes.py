@@ -85,6 +85,10 @@ def null_p_value(observed: float, null: np.ndarray) -> float:
 class ConceptProbes:
     """Linear concept probes over pooled layer activations.
 
+    Each probe's held-out accuracy is tested against ``random_runs`` probes fitted to the same images with
+    shuffled labels (random-vs-random); ``p_value`` is :func:`null_p_value` and ``significant`` requires
+    ``p_value < alpha / (n_concepts * n_layers)`` (Bonferroni) and accuracy above 0.5.
+
     Parameters
     ----------
     test_size : float, default=0.25
@@ -182,9 +186,25 @@ class ConceptProbes:
         q = pd.DataFrame(rows, columns=QUALITY_COLUMNS[:-1])
         n_tests = max(1, len(q))
         q["significant"] = (q["p_value"] < self.alpha / n_tests) & (q["accuracy"] > 0.5)
-        self.quality_ = q[QUALITY_COLUMNS]
+        # the probe's own test, kept when TCAV results later take over p_value/significant (--target)
+        q["probe_p_value"] = q["p_value"]
+        q["probe_significant"] = q["significant"]
+        self.quality_ = q[QUALITY_COLUMNS + ["probe_p_value", "probe_significant"]]
         self.layer_ = str(q.groupby("layer", sort=False)["auc"].mean().idxmax())
         return self
+
+    def significant_concepts(self, layer: str | None = None) -> list[str]:
+        """Concepts whose probe at ``layer`` beats random-vs-random probes (``probe_significant``), in order.
+
+        Without a quality table (or that column) every concept counts as significant.
+        """
+        layer = self._layer(layer)
+        q = getattr(self, "quality_", None)
+        if q is None or "probe_significant" not in q:
+            return list(self.concepts_)
+        q = q[q["layer"] == layer]
+        ok = {str(c) for c, sig in zip(q["concept"], q["probe_significant"]) if bool(sig)}
+        return [c for c in self.concepts_ if c in ok]
 
     def _check(self):
         if not hasattr(self, "_probes"):

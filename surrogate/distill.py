@@ -15,8 +15,9 @@ from concepts.images import ImageSet, Preprocess
 from concepts.probes import ConceptProbes
 from concepts.teacher import Teacher
 
+from .augment import augmented_queries
 from .estimators import LinearSurrogate, TreeSurrogate
-from .metrics import bootstrap_ci, kl_divergence, softmax, total_variation
+from .metrics import bootstrap_ci, completeness, kl_divergence, softmax, total_variation
 from .model import SurrogateModel
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -71,6 +72,24 @@ def _make(kind, *, max_depth, max_leaves, C, seed, ccp_alpha=0.0):
     if kind == "linear":
         return LinearSurrogate(C=C, random_state=seed)
     raise InputError(f"--kind {kind!r}: expected 'tree' or 'linear'")
+
+
+def _choose_concepts(probes: ConceptProbes, layer: str, concepts) -> tuple[ConceptProbes, list[str]]:
+    if isinstance(concepts, str) and concepts == "all":
+        keep = list(probes.concepts_)
+    elif isinstance(concepts, str) and concepts == "significant":
+        keep = probes.significant_concepts(layer)
+        if not keep:
+            raise InputError(f"no concept's probe at layer '{layer}' beats random-vs-random probes; the teacher does "
+                             "not seem to see any of these concepts there (try another --layer, or --use-concepts all)")
+    else:
+        keep = [concepts] if isinstance(concepts, str) else list(concepts)
+        for c in keep:
+            if c not in probes.concepts_:
+                from concepts.errors import did_you_mean
+                raise InputError(f"--use-concepts: '{c}' is not a probed concept.{did_you_mean(c, probes.concepts_)}")
+    excluded = [c for c in probes.concepts_ if c not in keep]
+    return (probes.select(keep) if excluded else probes), excluded
 
 
 def select_complexity(kind, X_tr, P_tr, X_va, hard_va, *, max_depth, max_leaves, seed, tolerance=0.01,
@@ -144,7 +163,8 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
             kind: str = "tree", max_depth: int | None = 4, max_leaves: int | None = None,
             temperature: float | str = 1.0, test_size: float = 0.3, classes: Sequence[str] | None = None,
             pooling: str = "mean", seed: int = 0, batch_size: int = 64, progress: bool = True,
-            layer: str | None = None, activations=None, tolerance: float = 0.01) -> SurrogateModel:
+            layer: str | None = None, activations=None, tolerance: float = 0.01,
+            concepts: str | Sequence[str] = "significant", augment: int = 0) -> SurrogateModel:
     """Distil the teacher's temperature-softened outputs into a surrogate over concept scores.
 
     Parameters
@@ -164,6 +184,13 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     tolerance : float, default=0.01
         Complexity choice: the smallest model (fewest leaves, or fewest non-zero concepts) whose
         validation fidelity is within ``tolerance`` of the best on the path.
+    concepts : "significant", "all" or sequence of str, default="significant"
+        Concepts the surrogate may use. ``significant`` keeps those whose probe beats random-vs-random
+        probes at ``layer`` (a probe of a concept the teacher does not see fits noise; its scores must
+        not reach the surrogate); the others are listed in ``metrics["excluded_concepts"]``.
+    augment : int, default=0
+        Extra teacher queries per training image (flips, crops, mixup; :mod:`surrogate.augment`) added to
+        the surrogate's training data. Validation and held-out images stay un-augmented.
     activations : concepts.activations.Activations, optional
         Activations of ``images`` at ``layer`` already extracted with ``preprocess`` and ``pooling``
         (to distil several surrogates from one pass over the images).
@@ -177,6 +204,8 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         raise InputError(f"--test-size {test_size}: expected a fraction in (0, 1)")
     if max_depth is not None and max_depth < 1:
         raise InputError(f"--max-depth {max_depth}: expected a positive integer")
+    if augment < 0:
+        raise InputError(f"--augment {augment}: expected a non-negative integer")
     if max_leaves is not None and max_leaves < 2:
         raise InputError(f"--max-leaves {max_leaves}: expected an integer >= 2")
     layer = layer or probes.layer_
@@ -189,6 +218,7 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     classes = list(classes) if classes is not None else [f"class_{k}" for k in range(K)]
     if len(classes) != K:
         raise InputError(f"--classes: {len(classes)} names given but the teacher has {K} outputs")
+    probes, excluded = _choose_concepts(probes, layer, concepts)
     scores = probes.transform(acts.layers[layer], layer)
     n = len(scores)
     if n < 10:
@@ -197,41 +227,47 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     counts = np.bincount(hard, minlength=K)
     strat = hard if counts[counts > 0].min() >= 2 else None
     train, test = train_test_split(np.arange(n), test_size=test_size, random_state=seed, stratify=strat)
-    X = scores.to_numpy()
-
-    def targets(idx, T):
-        return pd.DataFrame(softmax(logits[idx], T), columns=classes)
+    obs = _Observations(scores, logits)
+    if augment:
+        aug, src = augmented_queries(teacher, images.subset(train), preprocess, layer, n_per_image=augment,
+                                     pooling=pooling, seed=seed, batch_size=batch_size, progress=progress)
+        obs.add(probes.transform(aug.layers[layer], layer), aug.logits, train[src])
 
     # every choice (temperature, sparsity, pruning) is made on a validation split of the training images
+    names = np.array(classes, dtype=object)
     tr, va = train_test_split(train, test_size=0.25, random_state=seed)
     if temperature == "auto":
-        fids = [_make(kind, max_depth=max_depth, max_leaves=max_leaves, C=1.0, seed=seed)
-                .fit(scores.iloc[tr], targets(tr, T)).score(scores.iloc[va], targets(va, 1.0)) for T in TEMPERATURES]
+        fids = [np.mean(_make(kind, max_depth=max_depth, max_leaves=max_leaves, C=1.0, seed=seed)
+                        .fit(*obs.fit_rows(tr, T, classes)).predict(scores.iloc[va]) == names[hard[va]])
+                for T in TEMPERATURES]
         T = TEMPERATURES[int(np.argmax(fids))]
     else:
         T = float(temperature)
         if T <= 0:
             raise InputError(f"--temperature {temperature}: expected a positive number or 'auto'")
-    complexity = select_complexity(kind, scores.iloc[tr], targets(tr, T), scores.iloc[va], hard[va],
+    complexity = select_complexity(kind, *obs.fit_rows(tr, T, classes), scores.iloc[va], hard[va],
                                    max_depth=max_depth, max_leaves=max_leaves, seed=seed, tolerance=tolerance)
     C, ccp_alpha = complexity["C"], complexity["ccp_alpha"]
 
-    est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed, ccp_alpha=ccp_alpha)
-    est.fit(scores.iloc[train], targets(train, T))
+    X_fit, P_fit = obs.fit_rows(train, T, classes)
+    est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed, ccp_alpha=ccp_alpha).fit(X_fit, P_fit)
     q = est.predict_proba(scores.iloc[test])
     p_test = softmax(logits[test], T)
     agree = np.argmax(q, 1) == hard[test]
+    fit_hard = P_fit.to_numpy().argmax(1)  # argmax is the same at every temperature
     hard_est = _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=C, seed=seed, ccp_alpha=ccp_alpha)
-    hard_est.fit(scores.iloc[train], np.array(classes, dtype=object)[hard[train]])
-    hard_fid = float(np.mean(hard_est.predict(scores.iloc[test]) == np.array(classes, dtype=object)[hard[test]]))
-    ceiling, ceiling_model = ceiling_fidelity(X[train], hard[train], X[test], hard[test], seed=seed)
+    hard_fid = float(np.mean(hard_est.fit(X_fit, names[fit_hard]).predict(scores.iloc[test]) == names[hard[test]]))
+    ceiling, ceiling_model = ceiling_fidelity(X_fit.to_numpy(), fit_hard, scores.iloc[test].to_numpy(), hard[test],
+                                              seed=seed)
     per_class = [{"class": c, "fidelity": float(agree[hard[test] == k].mean()) if (hard[test] == k).any() else None,
                   "n": int((hard[test] == k).sum())} for k, c in enumerate(classes)]
     metrics = {
         "kind": kind, "classes": classes, "concepts": list(scores.columns), "layer": layer,
         "temperature": T, "n_train": int(len(train)), "n_test": int(len(test)),
+        "n_augmented": int(len(X_fit) - len(train)),
         "fidelity": float(agree.mean()), "fidelity_ci": list(bootstrap_ci(agree, seed=seed)),
         "hard_label_fidelity": hard_fid, "ceiling_fidelity": ceiling, "ceiling_model": ceiling_model,
+        "completeness": completeness(ceiling, 1.0, float(np.bincount(hard[test], minlength=K).max() / len(test))),
         "kl": kl_divergence(p_test, q), "total_variation": total_variation(p_test, q),
         "depth": int(est.depth_) if kind == "tree" else None,
         "n_leaves": int(est.n_leaves_) if kind == "tree" else None,
@@ -241,6 +277,7 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         "frontier": complexity["frontier"],
         "per_class": per_class,
         "concepts_complete": bool(ceiling >= COMPLETE_AT),
+        "excluded_concepts": excluded,
         "seed": seed,
     }
     labels = images.labels
@@ -255,6 +292,26 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
         model.examples = leaf_examples(est, scores.iloc[train], logits[train], [str(images.paths[i]) for i in train])
     model.fit_data = {"scores": scores, "logits": logits, "train": train, "test": test, "paths": images.paths}
     return model
+
+
+class _Observations:
+    """Concept scores and teacher logits of the images, plus augmented queries tied to their source image."""
+
+    def __init__(self, scores: pd.DataFrame, logits: np.ndarray):
+        self.scores, self.logits = scores, logits
+        self.extra_scores = scores.iloc[:0]
+        self.extra_logits = logits[:0]
+        self.extra_source = np.zeros(0, dtype=int)
+
+    def add(self, scores: pd.DataFrame, logits: np.ndarray, source: np.ndarray) -> None:
+        self.extra_scores, self.extra_logits, self.extra_source = scores, logits, np.asarray(source)
+
+    def fit_rows(self, idx: np.ndarray, T: float, classes) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Concept scores and soft targets at temperature ``T`` of images ``idx`` and their augmentations."""
+        extra = np.isin(self.extra_source, idx)
+        X = pd.concat([self.scores.iloc[idx], self.extra_scores[extra]], ignore_index=True)
+        z = np.concatenate([self.logits[idx], self.extra_logits[extra]])
+        return X, pd.DataFrame(softmax(z, T), columns=list(classes))
 
 
 def leaf_examples(est: TreeSurrogate, scores: pd.DataFrame, logits: np.ndarray, paths: Sequence[str]) -> dict[int, str]:

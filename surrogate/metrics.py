@@ -42,3 +42,21 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> float:
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:
     """Mean over images of ``TV(p, q) = 0.5 * sum_k |p_k - q_k|``."""
     return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(1).mean())
+
+
+def completeness(concept_accuracy: float, model_accuracy: float, random_accuracy: float) -> float:
+    """Completeness score of Yeh et al. (2020), "On Completeness-aware Concept-Based Explanations".
+
+    ``eta = (concept_accuracy - random_accuracy) / (model_accuracy - random_accuracy)``, where
+    ``concept_accuracy`` is the accuracy of the best model that sees only the concept scores,
+    ``model_accuracy`` the network's own and ``random_accuracy`` that of always predicting the most
+    frequent class. We measure accuracy against the teacher's own predictions, so ``model_accuracy = 1``
+    and ``concept_accuracy`` is the ceiling fidelity; the best concept model is the ceiling model (Yeh et
+    al. reconstruct the layer from the concept scores and run the rest of the network instead). 1 means
+    the concepts explain everything the teacher does, 0 no more than guessing the majority class.
+    Undefined (NaN) when ``model_accuracy == random_accuracy``.
+    """
+    denom = model_accuracy - random_accuracy
+    if denom <= 0:
+        return float("nan")
+    return float((concept_accuracy - random_accuracy) / denom)
