@@ -68,7 +68,7 @@ def resolve_preprocess(teacher: Teacher, image_size=None, mean=None, std=None) -
 
 def extract(teacher: Teacher, images: ImageSet, layers: Sequence[str], preprocess: Preprocess, *,
             batch_size: int = 64, pooling: str = "mean", num_workers: int | None = None,
-            progress: bool = True, desc: str = "extract") -> Activations:
+            progress: bool = True, desc: str = "extract", cache_dir=None) -> Activations:
     """Run the teacher over ``images`` once, returning pooled activations of ``layers`` and logits.
 
     Memory holds one batch of raw activations at a time; pooled rows go into preallocated arrays.
@@ -87,11 +87,19 @@ def extract(teacher: Teacher, images: ImageSet, layers: Sequence[str], preproces
         sets, 0 for fewer than 512 images.
     progress : bool, default=True
         Show a progress bar on stderr.
+    cache_dir : str or Path, optional
+        An ``ACT_DIR`` to reuse or fill (:func:`concepts.store.cached_extract`): the arrays are then
+        read-only memory maps, reused while the teacher, layers, preprocessing, pooling and images are
+        unchanged, and an interrupted run resumes.
 
     Returns
     -------
     Activations
     """
+    if cache_dir is not None:
+        from .store import cached_extract
+        return cached_extract(teacher, images, layers, preprocess, cache_dir, batch_size=batch_size,
+                              pooling=pooling, progress=progress, num_workers=num_workers, desc=desc)
     layers = teacher.resolve_layers(layers)
     if pooling not in POOLINGS:
         raise InputError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")

@@ -77,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
     _add_common(p)
 
-    p = sub.add_parser("extract", help="pooled layer activations of images to ACT_DIR")
+    p = sub.add_parser("extract", help="pooled layer activations of images to ACT_DIR (cached, resumable)",
+                       description="Stream pooled layer activations and logits of images into ACT_DIR "
+                       "(one memory-mapped .npy per layer, logits.npy, manifest.json). An ACT_DIR made from the "
+                       "same teacher weights, layers, preprocessing, pooling and image files is reused; an "
+                       "interrupted run resumes from ACT_DIR.partial. Runs sharded under torchrun "
+                       "--nproc_per_node N (gloo); the result equals a one-process run.")
     _add_teacher(p)
     p.add_argument("--layer", required=True, metavar="L", help="dotted layer name(s), comma-separated")
     p.add_argument("--images", required=True, metavar="SRC", help="folder of images or .csv/.parquet table")
     p.add_argument("--pooling", default="mean", choices=("mean", "max", "flatten"))
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="image-loading worker processes (default: several for 512+ images, else 0)")
     p.add_argument("--out", required=True, metavar="ACT_DIR")
     _add_common(p)
 
@@ -153,13 +160,18 @@ def cmd_demo(args):
 
 def cmd_extract(args):
     from concepts.images import load_images
-    from concepts.store import extract_to_dir
+    from concepts.store import cached_extract, dist_env
     from concepts.teacher import load_teacher
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers {args.workers}: expected 0 or more")
     teacher = load_teacher(args.teacher, args.weights)
     layers = teacher.resolve_layers(args.layer)
     images = load_images(args.images)
-    extract_to_dir(teacher, images, layers, _preprocess(args, teacher), args.out, batch_size=args.batch_size,
-                   pooling=args.pooling, progress=not args.quiet)
+    acts = cached_extract(teacher, images, layers, _preprocess(args, teacher), args.out, batch_size=args.batch_size,
+                          pooling=args.pooling, progress=not args.quiet, num_workers=args.workers)
+    if dist_env()[0] == 0:
+        shapes = ", ".join(f"{name} {arr.shape[1]}" for name, arr in acts.layers.items())
+        _progress_note(args, f"extract: {len(images)} images ({shapes}; logits {acts.logits.shape[1]}) -> {args.out}")
 
 
 def cmd_probe(args):
