@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_temperature, default=1.0, metavar="T|auto")
     p.add_argument("--test-size", type=_fraction, default=0.3, metavar="F")
     p.add_argument("--classes", metavar="NAMES|FILE", help="comma-separated names or a file with one per line")
+    p.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="extra teacher queries per training image (flips, crops, mixup); default 0")
+    p.add_argument("--use-concepts", default="significant", metavar="significant|all|a,b,c",
+                   help="concepts the surrogate may use (default: those whose probe beats random probes)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR")
     _add_common(p)
 
@@ -262,11 +266,15 @@ def cmd_distill(args):
     model = distill(teacher, probes, images, preprocess, kind=args.kind, max_depth=args.max_depth,
                     max_leaves=args.max_leaves, temperature=args.temperature, test_size=args.test_size,
                     classes=classes, pooling=meta["pooling"], seed=args.seed, batch_size=args.batch_size,
-                    progress=not args.quiet)
+                    progress=not args.quiet, augment=args.augment,
+                    concepts=args.use_concepts if args.use_concepts in ("significant", "all") else _names(args.use_concepts))
     model.save(args.out)
     m = model.metrics
     _progress_note(args, f"{args.kind} surrogate: fidelity {m['fidelity']:.3f} (hard-label {m['hard_label_fidelity']:.3f}, "
                          f"ceiling {m['ceiling_fidelity']:.3f}) on {m['n_test']} held-out images -> {args.out}")
+    if m["excluded_concepts"]:
+        print(f"note: left out concepts whose probes do not beat random probes: {', '.join(m['excluded_concepts'])}",
+              file=sys.stderr)
     if "warning" in m:
         print(f"warning: {m['warning']}", file=sys.stderr)
 

@@ -105,8 +105,8 @@ def select_complexity(kind, X_tr, P_tr, X_va, hard_va, *, max_depth, max_leaves,
     ``ccp_alpha`` of the chosen model.
     """
     if kind == "tree":
-        alphas = np.unique(TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, random_state=seed)
-                           .cost_complexity_pruning_path(X_tr, P_tr))
+        alphas = np.unique(np.clip(TreeSurrogate(max_depth=max_depth, max_leaves=max_leaves, random_state=seed)
+                           .cost_complexity_pruning_path(X_tr, P_tr), 0.0, None))
         if len(alphas) > max_candidates:
             alphas = np.unique(np.quantile(alphas, np.linspace(0, 1, max_candidates), method="nearest"))
         fits = [(a, _make(kind, max_depth=max_depth, max_leaves=max_leaves, C=1.0, seed=seed, ccp_alpha=float(a))

@@ -37,7 +37,7 @@ def probes_dir(teacher_files, zoo_dir, workdir):
 @pytest.fixture(scope="module")
 def models(teacher_files, zoo_dir, workdir, probes_dir):
     dirs = {}
-    for kind, extra in (("tree", ["--max-depth", "3"]), ("linear", ["--temperature", "auto"])):
+    for kind, extra in (("tree", ["--max-depth", "3", "--use-concepts", "all"]), ("linear", ["--temperature", "auto"])):
         dirs[kind] = workdir / f"model-{kind}"
         code = main(["distill", "--teacher", str(teacher_files["pt2"]), "--probes", str(probes_dir), "--images",
                      str(zoo_dir / "images"), "--kind", kind, *extra, "--out", str(dirs[kind]), "--quiet"])
@@ -47,7 +47,9 @@ def models(teacher_files, zoo_dir, workdir, probes_dir):
 
 def test_probe_writes_quality_table(probes_dir):
     q = pd.read_csv(probes_dir / "quality.csv")
-    assert list(q.columns) == ["concept", "layer", "auc", "accuracy", "n_pos", "n_neg", "tcav_score", "p_value", "significant"]
+    assert list(q.columns)[:9] == ["concept", "layer", "auc", "accuracy", "n_pos", "n_neg", "tcav_score", "p_value",
+                                   "significant"]  # the contract's columns first; the probe's own test after them
+    assert (q["p_value"] == q["probe_p_value"]).all()  # without --target, p_value is the probe's test
     assert set(q["layer"]) == {"layer3", "layer4"} and "fur" in set(q["concept"])
     assert q["tcav_score"].isna().all()  # no --target
     assert q["auc"].between(0, 1).all()
@@ -77,6 +79,7 @@ def test_distill_outputs(models):
         assert METRIC_KEYS <= set(m)
         assert m["kind"] == kind and m["classes"] == list(CLASSES)
         assert 0 <= m["fidelity"] <= 1 and m["fidelity_ci"][0] <= m["fidelity"] <= m["fidelity_ci"][1]
+        assert set(m["concepts"]) | set(m["excluded_concepts"]) == set(pd.read_csv(d.parent / "probes" / "quality.csv")["concept"])
         imp = pd.read_csv(d / "importance.csv")
         assert list(imp.columns) == ["concept", "importance"]
     coef = pd.read_csv(models["linear"] / "coefficients.csv")
