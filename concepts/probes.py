@@ -18,6 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
+from threadpoolctl import threadpool_limits
 
 from .errors import InputError, NotFittedError
 
@@ -119,6 +120,12 @@ class ConceptProbes:
         self.random_state = random_state
 
     def fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame) -> ConceptProbes:
+        """Fit one probe per concept (column of ``labels``) and layer (key of ``acts``); see :meth:`_fit`."""
+        # many small fits: a multi-threaded BLAS only adds overhead (and oversubscribes a busy machine)
+        with threadpool_limits(1):
+            return self._fit(acts, labels)
+
+    def _fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame) -> ConceptProbes:
         """Fit one probe per concept (column of ``labels``) and layer (key of ``acts``).
 
         Parameters
