@@ -8,7 +8,10 @@ DEMO_DIR ?= demo-output
 # Make a parallel pytest run impossible to confuse with a hung one: progress goes to stderr.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+VENV_TV := .venv-tv
+TORCH_TV ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-fast test-torchvision lint bench clean
 
 setup: $(STAMP) graphviz-bin
 
@@ -36,6 +39,19 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# torchvision's wheels need their own torch build (a CUDA wheel, ~5.5 GB, runs on the CPU): a separate venv.
+$(VENV_TV)/.installed: pyproject.toml
+	[ -x $(VENV_TV)/bin/python ] || $(PY) -m venv $(VENV_TV)
+	$(VENV_TV)/bin/python -m pip install --quiet $(TORCH_TV)
+	$(VENV_TV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test-torchvision: $(VENV_TV)/.installed graphviz-bin
+	$(VENV_TV)/bin/python -m pytest -q tests/test_torchvision.py
+
+bench: setup
+	bash benchmarks/run_all.sh
 
 lint: setup
 	$(BIN)/ruff check concepts surrogate tests benchmarks examples

@@ -365,7 +365,20 @@ def _load_script(path: Path, spec: str) -> Teacher:
                    classes=meta.get("classes"), scripted=True)
 
 
-def _load_state(module: nn.Module, weights: str, spec: str) -> None:
+def _head_outputs(module: nn.Module, state: dict) -> int | None:
+    """Outputs of the state_dict's last linear layer when they differ from ``module``'s, else ``None``."""
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, last = linears[-1]
+    w = state.get(f"{name}.weight")
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == last.in_features and w.shape[0] != last.out_features:
+        return int(w.shape[0])
+    return None
+
+
+def _read_state(weights: str) -> dict:
+    """Read a state_dict with ``weights_only=True`` (one-line errors; never unpickles arbitrary objects)."""
     wpath = Path(weights)
     if not wpath.is_file():
         raise TeacherError(f"--weights {weights}: no such file")
@@ -378,6 +391,11 @@ def _load_state(module: nn.Module, weights: str, spec: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise TeacherError(f"--weights {weights}: expected a state_dict (a dict of tensors)")
+    return state
+
+
+def _load_state(module: nn.Module, weights: str, spec: str, state: dict | None = None) -> None:
+    state = _read_state(weights) if state is None else state
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -397,7 +415,12 @@ def _load_torchvision(spec: str, weights: str | None) -> Teacher:
         torch.manual_seed(0)  # deterministic initialisation when no weights are given
         module = torchvision.models.get_model(name, weights=None)
     if weights:
-        _load_state(module, weights, spec)
+        state = _read_state(weights)
+        n_out = _head_outputs(module, state)
+        if n_out is not None:  # a fine-tuned model: rebuild its head with the weights' number of classes
+            with stdout_to_stderr():
+                module = torchvision.models.get_model(name, weights=None, num_classes=n_out)
+        _load_state(module, weights, spec, state)
     module.eval()
     sha = sha256_file(weights) if weights else sha256_state(module)
     return Teacher(module, spec, weights_sha256=sha, preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD),
