@@ -874,6 +874,9 @@ def write_concept_folders(
 ) -> pathlib.Path:
     """Write a TCAV-style concept dataset.
 
+    The ground-truth concepts of every image written go to ``out_dir/truth.csv`` (``path`` relative to
+    ``out_dir``, ``label``, 0/1 concept columns), so probes learned from the folders can be checked.
+
     Layout: ``out_dir/<concept>/<concept>_<j:05d>.png`` holds
     ``n_per_concept`` positive examples of each concept, and
     ``out_dir/random/random_<j:05d>.png`` holds ``n_random`` random images.
@@ -931,6 +934,12 @@ def write_concept_folders(
             yield _make_one(s, i)
             i += 1
 
+    truth = []
+
+    def record(rel: str, s: ZooSample, overrides=None):
+        shown = {**s.concepts, **(overrides or {})}
+        truth.append({"path": rel, "label": s.label, **{c: int(shown[c]) for c in ALL_CONCEPTS}})
+
     for k, c in enumerate(concepts):
         folder = root / c
         folder.mkdir(exist_ok=True)
@@ -940,6 +949,7 @@ def write_concept_folders(
                 break
             if s.concepts[c]:
                 _atomic_save_png(render(s, image_size=image_size), folder / f"{c}_{j:05d}.png")
+                record(f"{c}/{c}_{j:05d}.png", s)
                 j += 1
 
     folder = root / "random"
@@ -955,4 +965,7 @@ def write_concept_folders(
         _atomic_save_png(
             render(s, image_size=image_size, overrides=overrides), folder / f"random_{j:05d}.png"
         )
+        record(f"random/random_{j:05d}.png", s, overrides)
+    # ground truth of every image written (a table beside the folders; TCAV loaders only read sub-folders)
+    _atomic_write_csv(pd.DataFrame(truth), root / "truth.csv")
     return root

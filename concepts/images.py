@@ -109,6 +109,8 @@ class ImageSet:
     root: Path
     table: pd.DataFrame
     concepts: list[str] = field(default_factory=list)
+    #: 0 labels come from a random set (TCAV's random/), not verified negatives
+    random_negatives: bool = False
 
     def __len__(self) -> int:
         return len(self.table)
@@ -133,7 +135,8 @@ class ImageSet:
         return h.hexdigest()
 
     def subset(self, index) -> ImageSet:
-        return ImageSet(self.root, self.table.iloc[np.asarray(index)].reset_index(drop=True), list(self.concepts))
+        return ImageSet(self.root, self.table.iloc[np.asarray(index)].reset_index(drop=True), list(self.concepts),
+                        self.random_negatives)
 
 
 def _list_folder(folder: Path) -> list[Path]:
@@ -274,7 +277,7 @@ def load_concept_source(source, *, concept_columns: Sequence[str] | None = None,
             for c in concepts:
                 row[c] = 0.0 if name == "random" else (1.0 if c == name else np.nan)
             rows.append(row)
-    image_set = ImageSet(src, pd.DataFrame(rows), concepts)
+    image_set = ImageSet(src, pd.DataFrame(rows), concepts, random_negatives=True)
     _check_counts(image_set, min_examples, str(src))
     return image_set
 

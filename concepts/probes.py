@@ -24,7 +24,8 @@ from .errors import InputError, NotFittedError
 
 QUALITY_COLUMNS = ["concept", "layer", "auc", "accuracy", "n_pos", "n_neg", "tcav_score", "p_value", "significant"]
 C_GRID = (0.01, 0.1, 1.0, 10.0)
-_STATE_KEYS = ("mean", "scale", "coef", "intercept", "runs_real", "runs_null")
+_STATE_KEYS = ("mean", "scale", "coef", "intercept", "runs_real", "runs_null", "pu_scale")
+MAX_CONTAMINATION = 0.95
 
 
 @dataclass
@@ -35,10 +36,20 @@ class _LayerProbes:
     intercept: np.ndarray  # (k,)
     runs_real: np.ndarray  # (k, R, d) unit CAVs fitted on subsamples (raw activation space)
     runs_null: np.ndarray  # (k, R, d) unit CAVs fitted with shuffled labels (random-vs-random)
+    pu_scale: np.ndarray   # (k,) pi / r for probes fitted against a random (unlabelled) set, 0 otherwise
 
     def margins(self, acts: np.ndarray) -> np.ndarray:
         z = (np.asarray(acts, dtype=np.float64) - self.mean) / self.scale
         return z @ self.coef.T + self.intercept
+
+    def log_odds(self, acts: np.ndarray) -> np.ndarray:
+        """Log-odds that each concept is present; positive-unlabelled probes are corrected (see fit)."""
+        m = self.margins(acts)
+        pu = self.pu_scale > 0
+        if pu.any():
+            log_p = np.minimum(np.log(np.where(pu, self.pu_scale, 1.0)) + m, np.log1p(-1e-6))
+            m = np.where(pu, log_p - np.log(-np.expm1(log_p)), m)
+        return m
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -86,9 +97,12 @@ def null_p_value(observed: float, null: np.ndarray) -> float:
 class ConceptProbes:
     """Linear concept probes over pooled layer activations.
 
-    Each probe's held-out accuracy is tested against ``random_runs`` probes fitted to the same images with
+    Each probe's held-out ranking accuracy (AUC against its own labels, ``auc_raw``) is tested against
+    ``random_runs`` probes fitted to the same images with
     shuffled labels (random-vs-random); ``p_value`` is :func:`null_p_value` and ``significant`` requires
-    ``p_value < alpha / (n_concepts * n_layers)`` (Bonferroni) and accuracy above 0.5.
+    ``p_value < alpha / (n_concepts * n_layers)`` (Bonferroni) and an AUC above 0.5. AUC rather than
+    plain accuracy: against a random set that holds the concept by chance, or with unbalanced classes, a
+    probe that separates well can still have the accuracy of always answering "absent".
 
     Parameters
     ----------
@@ -119,14 +133,23 @@ class ConceptProbes:
         self.alpha = alpha
         self.random_state = random_state
 
-    def fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame) -> ConceptProbes:
+    def fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame, *, random_negatives: bool = False) -> ConceptProbes:
         """Fit one probe per concept (column of ``labels``) and layer (key of ``acts``); see :meth:`_fit`."""
         # many small fits: a multi-threaded BLAS only adds overhead (and oversubscribes a busy machine)
         with threadpool_limits(1):
-            return self._fit(acts, labels)
+            return self._fit(acts, labels, random_negatives)
 
-    def _fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame) -> ConceptProbes:
+    def _fit(self, acts: dict[str, np.ndarray], labels: pd.DataFrame, random_negatives: bool) -> ConceptProbes:
         """Fit one probe per concept (column of ``labels``) and layer (key of ``acts``).
+
+        With ``random_negatives`` the 0 labels come from a random set (TCAV's ``random/``), which holds
+        the concept by chance: positive-unlabelled learning (case-control, Elkan & Noto 2008). A probe ``g``
+        of labelled positives (``n_P``) against the random set (``n_U``) has odds ``r * p(x|concept) / p(x)``
+        with ``r = n_P / n_U``; on clear positives that is ``r / pi`` with ``pi`` the share of the random set
+        holding the concept, so ``pi = r * (1 - c) / c`` with ``c`` the mean of ``g`` over held-out positives.
+        The quality table then reports ``contamination = pi``, ``auc_raw`` (positives vs random set) and
+        ``auc = (auc_raw - pi / 2) / (1 - pi)`` (a positive in the random set ties with the positives on
+        average), and scores are ``P(concept | x) = min(1, pi * odds(x) / r)``.
 
         Parameters
         ----------
@@ -153,6 +176,7 @@ class ConceptProbes:
             intercept = np.zeros(len(self.concepts_))
             runs_real = np.zeros((len(self.concepts_), self.random_runs, a.shape[1]))
             runs_null = np.zeros_like(runs_real)
+            pu_scale = np.zeros(len(self.concepts_))
             for j, concept in enumerate(self.concepts_):
                 col = labels[concept].to_numpy(dtype=float)
                 known = ~np.isnan(col)
@@ -167,6 +191,12 @@ class ConceptProbes:
                 margin = held.decision_function(xte)
                 auc = float(roc_auc_score(yte, margin)) if len(np.unique(yte)) == 2 else float("nan")
                 acc = float(((margin > 0).astype(int) == yte).mean())
+                auc_raw, contamination = auc, float("nan")
+                if random_negatives:
+                    c = float(np.mean(1 / (1 + np.exp(-margin[yte == 1]))))
+                    contamination = float(np.clip(ytr.sum() / (len(ytr) - ytr.sum()) * (1 - c) / max(c, 1e-6),
+                                                  0.0, MAX_CONTAMINATION))
+                    auc = float(np.clip((auc_raw - contamination / 2) / (1 - contamination), 0.0, 1.0))
                 null, null_dirs, real_dirs = [], [], []
                 for _ in range(self.random_runs):
                     # random-vs-random: the same images with shuffled labels (accuracy null and null CAVs)
@@ -174,7 +204,7 @@ class ConceptProbes:
                     ptr, pte, qtr, qte = train_test_split(x, yperm, test_size=self.test_size, stratify=yperm,
                                                           random_state=int(rng.integers(2**31)))
                     lr = _fit_logistic(ptr, qtr, C, seed)
-                    null.append((lr.predict(pte) == qte).mean())
+                    null.append(roc_auc_score(qte, lr.decision_function(pte)))
                     null_dirs.append(lr.coef_[0])
                     # the concept's own CAV on an 80% subsample (spread of TCAV scores)
                     sub = rng.choice(len(x), size=max(4, int(0.8 * len(x))), replace=False)
@@ -183,20 +213,23 @@ class ConceptProbes:
                     real_dirs.append(_fit_logistic(x[sub], y[sub], C, seed).coef_[0])
                 runs_real[j] = _unit(np.array(real_dirs).reshape(-1, a.shape[1]) / scale)
                 runs_null[j] = _unit(np.array(null_dirs).reshape(-1, a.shape[1]) / scale)
-                p_value = null_p_value(acc, np.array(null)) if self.random_runs >= 2 else float("nan")
+                p_value = null_p_value(auc_raw, np.array(null)) if self.random_runs >= 2 else float("nan")
                 final = _fit_logistic(x, y, C, seed)  # the probe used downstream sees every labelled image
                 coef[j], intercept[j] = final.coef_[0], final.intercept_[0]
+                if random_negatives:
+                    pu_scale[j] = max(contamination, 1e-3) * n_neg / n_pos
                 self.C_[(concept, layer)] = C
                 rows.append({"concept": concept, "layer": layer, "auc": auc, "accuracy": acc,
-                             "n_pos": n_pos, "n_neg": n_neg, "tcav_score": np.nan, "p_value": p_value})
-            self._probes[layer] = _LayerProbes(mean, scale, coef, intercept, runs_real, runs_null)
-        q = pd.DataFrame(rows, columns=QUALITY_COLUMNS[:-1])
+                             "n_pos": n_pos, "n_neg": n_neg, "tcav_score": np.nan, "p_value": p_value,
+                             "auc_raw": auc_raw, "contamination": contamination})
+            self._probes[layer] = _LayerProbes(mean, scale, coef, intercept, runs_real, runs_null, pu_scale)
+        q = pd.DataFrame(rows, columns=QUALITY_COLUMNS[:-1] + ["auc_raw", "contamination"])
         n_tests = max(1, len(q))
-        q["significant"] = (q["p_value"] < self.alpha / n_tests) & (q["accuracy"] > 0.5)
+        q["significant"] = (q["p_value"] < self.alpha / n_tests) & (q["auc_raw"] > 0.5)
         # the probe's own test, kept when TCAV results later take over p_value/significant (--target)
         q["probe_p_value"] = q["p_value"]
         q["probe_significant"] = q["significant"]
-        self.quality_ = q[QUALITY_COLUMNS + ["probe_p_value", "probe_significant"]]
+        self.quality_ = q[QUALITY_COLUMNS + ["probe_p_value", "probe_significant", "auc_raw", "contamination"]]
         self.layer_ = str(q.groupby("layer", sort=False)["auc"].mean().idxmax())
         return self
 
@@ -230,7 +263,7 @@ class ConceptProbes:
     def decision_function(self, acts, layer: str | None = None) -> pd.DataFrame:
         """Signed margins (log-odds that each concept is present), columns named by concept."""
         layer = self._layer(layer)
-        return pd.DataFrame(self._probes[layer].margins(self._acts(acts, layer)), columns=self.concepts_)
+        return pd.DataFrame(self._probes[layer].log_odds(self._acts(acts, layer)), columns=self.concepts_)
 
     def transform(self, acts, layer: str | None = None) -> pd.DataFrame:
         """Concept scores in [0, 1] (probability the concept is present), shape (n_images, n_concepts).
@@ -276,9 +309,12 @@ class ConceptProbes:
         self.concepts_ = list(meta["concepts"])
         self.layers_ = list(meta["layers"])
         self.layer_ = meta["layer"]
-        self._probes = {layer: _LayerProbes(*(np.asarray(arrays[f"l{i}_{k}"], dtype=np.float64)
-                                              for k in _STATE_KEYS))
-                        for i, layer in enumerate(self.layers_)}
+        self._probes = {}
+        for i, layer in enumerate(self.layers_):
+            values = {k: np.asarray(arrays[f"l{i}_{k}"], dtype=np.float64) for k in _STATE_KEYS
+                      if f"l{i}_{k}" in arrays}
+            values.setdefault("pu_scale", np.zeros(len(self.concepts_)))
+            self._probes[layer] = _LayerProbes(**values)
         return self
 
     def select(self, concepts) -> ConceptProbes:
@@ -290,7 +326,7 @@ class ConceptProbes:
         meta["concepts"] = list(concepts)
         for i in range(len(self.layers_)):
             arrays[f"l{i}_coef"] = arrays[f"l{i}_coef"][idx]
-            for key in ("intercept", "runs_real", "runs_null"):
+            for key in ("intercept", "runs_real", "runs_null", "pu_scale"):
                 arrays[f"l{i}_{key}"] = arrays[f"l{i}_{key}"][idx]
         out = ConceptProbes.from_state(meta, arrays)
         if hasattr(self, "quality_"):

@@ -40,7 +40,7 @@ def fit_probes(teacher: Teacher, concepts: ImageSet, layers: Sequence[str] | str
     acts = extract(teacher, concepts, layers, preprocess, batch_size=batch_size, pooling=pooling,
                    progress=progress, desc="probe").layers
     probes = ConceptProbes(test_size=test_size, random_runs=random_runs, random_state=seed)
-    probes.fit(acts, concepts.table[concepts.concepts])
+    probes.fit(acts, concepts.table[concepts.concepts], random_negatives=concepts.random_negatives)
     return probes, acts
 
 

@@ -287,20 +287,26 @@ def test_write_concept_folders(tmp_path, random_from):
         tmp_path / "tcav", n_per_concept=3, n_random=5, seed=1, image_size=32, random_from=random_from
     )
     assert out == tmp_path / "tcav"
-    assert {p.name for p in out.iterdir()} == set(CONCEPTS) | {"random"}
+    assert {p.name for p in out.iterdir()} == set(CONCEPTS) | {"random", "truth.csv"}
     for c in CONCEPTS:
         files = sorted((out / c).glob("*.png"))
         assert len(files) == 3
         with Image.open(files[0]) as im:
             assert im.size == (32, 32)
     assert len(list((out / "random").glob("*.png"))) == 5
+    truth = pd.read_csv(out / "truth.csv")
+    assert len(truth) == 3 * len(CONCEPTS) + 5 and all((out / p).is_file() for p in truth["path"])
+    for c in CONCEPTS:  # every example of a concept's folder shows it
+        assert truth[truth["path"].str.startswith(f"{c}/")][c].all()
+    if random_from == "negatives":  # at most one listed concept left on in each random image
+        assert (truth[truth["path"].str.startswith("random/")][list(CONCEPTS)].sum(1) <= 1).all()
 
 
 def test_write_concept_folders_deterministic_and_subset(tmp_path):
     kw = dict(n_per_concept=2, n_random=3, seed=5, image_size=32, concepts=("stripes", "horns"))
     a = write_concept_folders(tmp_path / "a", **kw)
     b = write_concept_folders(tmp_path / "b", **kw)
-    assert {p.name for p in a.iterdir()} == {"stripes", "horns", "random"}
+    assert {p.name for p in a.iterdir()} == {"stripes", "horns", "random", "truth.csv"}
     for f in sorted(a.rglob("*.png")):
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
     with pytest.raises(ValueError):
