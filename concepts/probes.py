@@ -17,7 +17,7 @@ from scipy import stats
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from .errors import InputError, NotFittedError
@@ -60,6 +60,14 @@ def _fit_logistic(x, y, C, seed):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x, y)
+
+
+def _oof_margins(x, y, C, seed, folds) -> np.ndarray:
+    """Out-of-fold decision values of a logistic probe (stratified ``folds``-fold cross-validation)."""
+    out = np.zeros(len(y))
+    for tr, te in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y):
+        out[te] = _fit_logistic(x[tr], y[tr], C, seed).decision_function(x[te])
+    return out
 
 
 def _choose_C(x, y, seed) -> float:
@@ -107,7 +115,8 @@ class ConceptProbes:
     Parameters
     ----------
     test_size : float, default=0.25
-        Held-out fraction for each probe's AUC and accuracy.
+        Share of the images each cross-validation fold holds out (``round(1 / test_size)`` folds): AUC and
+        accuracy are those of out-of-fold scores, every image scored by a probe not fitted on it.
     random_runs : int, default=10
         Number of random-label probes per concept and layer that form the null for ``p_value``.
     alpha : float, default=0.05
@@ -185,27 +194,22 @@ class ConceptProbes:
                 if n_pos < 2 or n_neg < 2:
                     raise InputError(f"concept '{concept}': {n_pos} positive and {n_neg} negative examples; "
                                      "need at least 2 of each")
-                xtr, xte, ytr, yte = train_test_split(x, y, test_size=self.test_size, stratify=y, random_state=seed)
-                C = _choose_C(xtr, ytr, seed)
-                held = _fit_logistic(xtr, ytr, C, seed)
-                margin = held.decision_function(xte)
-                auc = float(roc_auc_score(yte, margin)) if len(np.unique(yte)) == 2 else float("nan")
-                acc = float(((margin > 0).astype(int) == yte).mean())
-                auc_raw, contamination = auc, float("nan")
+                folds = int(min(max(2, round(1 / self.test_size)), n_pos, n_neg))
+                C = _choose_C(x, y, seed)
+                oof = _oof_margins(x, y, C, seed, folds)  # every image scored by a probe not fitted on it
+                auc_raw = float(roc_auc_score(y, oof))
+                acc = float(((oof > 0).astype(int) == y).mean())
+                auc, contamination = auc_raw, float("nan")
                 if random_negatives:
-                    c = float(np.mean(1 / (1 + np.exp(-margin[yte == 1]))))
-                    contamination = float(np.clip(ytr.sum() / (len(ytr) - ytr.sum()) * (1 - c) / max(c, 1e-6),
-                                                  0.0, MAX_CONTAMINATION))
+                    c = float(np.mean(1 / (1 + np.exp(-oof[y == 1]))))
+                    contamination = float(np.clip(n_pos / n_neg * (1 - c) / max(c, 1e-6), 0.0, MAX_CONTAMINATION))
                     auc = float(np.clip((auc_raw - contamination / 2) / (1 - contamination), 0.0, 1.0))
                 null, null_dirs, real_dirs = [], [], []
                 for _ in range(self.random_runs):
-                    # random-vs-random: the same images with shuffled labels (accuracy null and null CAVs)
+                    # random-vs-random: the same images with shuffled labels (AUC null and null CAVs)
                     yperm = rng.permutation(y)
-                    ptr, pte, qtr, qte = train_test_split(x, yperm, test_size=self.test_size, stratify=yperm,
-                                                          random_state=int(rng.integers(2**31)))
-                    lr = _fit_logistic(ptr, qtr, C, seed)
-                    null.append(roc_auc_score(qte, lr.decision_function(pte)))
-                    null_dirs.append(lr.coef_[0])
+                    null.append(roc_auc_score(yperm, _oof_margins(x, yperm, C, int(rng.integers(2**31)), folds)))
+                    null_dirs.append(_fit_logistic(x, yperm, C, seed).coef_[0])
                     # the concept's own CAV on an 80% subsample (spread of TCAV scores)
                     sub = rng.choice(len(x), size=max(4, int(0.8 * len(x))), replace=False)
                     if len(np.unique(y[sub])) < 2:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -177,12 +178,22 @@ def test_distill_errors(capsys, teacher_files, probes_dir, zoo_dir, workdir):
     assert code == 2 and "different teacher" in err
 
 
-def test_distill_gate_when_no_probe_is_significant(capsys, teacher_files, probes_dir, zoo_dir, workdir):
-    # the small test teacher hardly sees any concept (held-out AUCs 0.5-0.8 on 40 images): none passes
-    code, _, err = run(capsys, "distill", "--teacher", teacher_files["pt2"], "--probes", probes_dir, "--images",
-                       zoo_dir / "images", "--out", workdir / "gated", "--quiet")
+def test_distill_gate_when_no_probe_is_significant(capsys, teacher_files, zoo_dir, tmp_path):
+    # concept labels that are pure noise: no probe beats random-vs-random probes, nothing may reach a surrogate
+    table = pd.read_csv(zoo_dir / "concepts" / "images.csv")[["path", "label"]]
+    rng = np.random.default_rng(0)
+    for c in ("noise_a", "noise_b"):
+        table[c] = rng.integers(0, 2, len(table))
+    table["path"] = [str((zoo_dir / "concepts" / p).resolve()) for p in table["path"]]
+    table.to_csv(tmp_path / "noise.csv", index=False)
+    code, _, err = run(capsys, "probe", "--teacher", teacher_files["pt2"], "--layer", "layer4", "--concepts",
+                       tmp_path / "noise.csv", "--out", tmp_path / "p", "--quiet")
+    assert code == 0, err
+    assert not pd.read_csv(tmp_path / "p" / "quality.csv")["significant"].any()
+    code, _, err = run(capsys, "distill", "--teacher", teacher_files["pt2"], "--probes", tmp_path / "p", "--images",
+                       zoo_dir / "images", "--out", tmp_path / "gated", "--quiet")
     assert code == 2 and "beats random-vs-random probes" in err and len(err.strip().splitlines()) == 1
-    assert not (workdir / "gated").exists()
+    assert not (tmp_path / "gated").exists()
 
 
 def test_audit_unknown_spurious(capsys, models, zoo_dir, workdir):
