@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,7 @@ def read_table(path: Path, option: str = "--images") -> pd.DataFrame:
 
 
 def load_images(source, *, concept_columns: Sequence[str] | None = None, option: str = "--images",
-                check_exists: bool = True) -> ImageSet:
+                check_exists: bool = True, skip_bad: bool = False) -> ImageSet:
     """Load an image source: a folder or a ``.csv``/``.parquet`` table.
 
     Parameters
@@ -187,6 +188,9 @@ def load_images(source, *, concept_columns: Sequence[str] | None = None, option:
         Option name used in error messages.
     check_exists : bool, default=True
         Raise :class:`InputError` naming the first missing file.
+    skip_bad : bool, default=False
+        Decode every image now and leave out missing, unreadable or truncated ones, with one warning that
+        counts them and names the first. Without it such an image is an error naming the file.
 
     Returns
     -------
@@ -202,7 +206,8 @@ def load_images(source, *, concept_columns: Sequence[str] | None = None, option:
         rel = [f.relative_to(src) for f in files]
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
         table = pd.DataFrame({"path": [r.as_posix() for r in rel], "label": labels})
-        return ImageSet(src, table, [])
+        image_set = ImageSet(src, table, [])
+        return drop_unreadable(image_set, option) if skip_bad else image_set
     if src.suffix.lower() not in TABLE_EXTENSIONS:
         raise InputError(f"{option} {src}: expected a folder of images or a .csv/.parquet table")
     df = read_table(src, option)
@@ -221,11 +226,32 @@ def load_images(source, *, concept_columns: Sequence[str] | None = None, option:
     for c in concepts:
         table[c] = pd.to_numeric(df[c]).astype(float)
     image_set = ImageSet(src.parent, table, concepts)
+    if skip_bad:
+        return drop_unreadable(image_set, option)
     if check_exists:
         for p in image_set.paths:
             if not p.is_file():
                 raise InputError(f"{option} {src}: image '{p}' listed in the table does not exist")
     return image_set
+
+
+def drop_unreadable(image_set: ImageSet, option: str = "--images") -> ImageSet:
+    """``image_set`` without the images that are missing or do not decode, with one counted warning."""
+    bad, first = [], None
+    for i, p in enumerate(image_set.paths):
+        try:
+            open_image(p)
+        except InputError as e:
+            bad.append(i)
+            first = first or str(e)
+    if not bad:
+        return image_set
+    keep = np.setdiff1d(np.arange(len(image_set)), bad)
+    if len(keep) == 0:
+        raise InputError(f"{option}: none of the {len(image_set)} images could be read (first: {first})")
+    warnings.warn(f"{option}: skipped {len(bad)} of {len(image_set)} images that could not be read (first: {first})",
+                  stacklevel=2)
+    return image_set.subset(keep)
 
 
 def _hint(name, candidates):
@@ -234,12 +260,13 @@ def _hint(name, candidates):
 
 
 def load_concept_source(source, *, concept_columns: Sequence[str] | None = None,
-                        min_examples: int = 2) -> ImageSet:
+                        min_examples: int = 2, skip_bad: bool = False) -> ImageSet:
     """Load concept examples: a TCAV folder layout or a table with 0/1 concept columns.
 
     A folder must hold one sub-folder of positive examples per concept plus ``random/``. Random images
     are negatives for every concept (TCAV's assumption; in real use they contain concepts by chance);
-    an image in one concept's folder is unlabelled (NaN) for the other concepts.
+    an image in one concept's folder is unlabelled (NaN) for the other concepts. ``skip_bad`` as in
+    :func:`load_images` (the counts of examples are checked after skipping).
 
     Returns
     -------
@@ -250,7 +277,7 @@ def load_concept_source(source, *, concept_columns: Sequence[str] | None = None,
     if not src.exists():
         raise InputError(f"--concepts {src}: no such file or folder")
     if not src.is_dir():
-        image_set = load_images(src, concept_columns=concept_columns, option="--concepts")
+        image_set = load_images(src, concept_columns=concept_columns, option="--concepts", skip_bad=skip_bad)
         if not image_set.concepts:
             raise InputError(f"--concepts {src}: the table has no 0/1 concept columns")
         _check_counts(image_set, min_examples, str(src))
@@ -278,6 +305,8 @@ def load_concept_source(source, *, concept_columns: Sequence[str] | None = None,
                 row[c] = 0.0 if name == "random" else (1.0 if c == name else np.nan)
             rows.append(row)
     image_set = ImageSet(src, pd.DataFrame(rows), concepts, random_negatives=True)
+    if skip_bad:
+        image_set = drop_unreadable(image_set, "--concepts")
     _check_counts(image_set, min_examples, str(src))
     return image_set
 

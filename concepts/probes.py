@@ -70,6 +70,32 @@ def _oof_margins(x, y, C, seed, folds) -> np.ndarray:
     return out
 
 
+def _ridge_oof_auc(x, Y, folds, seed, alpha) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold AUC of ridge probes for every label column of ``Y`` (n, m), and their full-data weights (d, m)."""
+    strat = Y[:, 0]
+    pred = np.zeros(Y.shape, dtype=float)
+    eye = alpha * np.eye(x.shape[1])
+    for tr, te in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, strat):
+        xm, ym = x[tr].mean(0), Y[tr].mean(0)
+        W = np.linalg.solve((x[tr] - xm).T @ (x[tr] - xm) + eye, (x[tr] - xm).T @ (Y[tr] - ym))
+        pred[te] = (x[te] - xm) @ W
+    auc = np.array([roc_auc_score(Y[:, i], pred[:, i]) for i in range(Y.shape[1])])
+    xm = x - x.mean(0)
+    return auc, np.linalg.solve(xm.T @ xm + eye, xm.T @ (Y - Y.mean(0)))
+
+
+def _fold_directions(x, y, C, seed, folds, runs) -> list[np.ndarray]:
+    """``runs`` CAVs (coefficients) of logistic probes fitted on random 80% subsamples."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for _ in range(runs):
+        sub = rng.choice(len(x), size=max(4, int(0.8 * len(x))), replace=False)
+        if len(np.unique(y[sub])) < 2:
+            sub = np.arange(len(x))
+        out.append(_fit_logistic(x[sub], y[sub], C, seed).coef_[0])
+    return out
+
+
 def _choose_C(x, y, seed) -> float:
     """Regularisation by 3-fold cross-validated log-loss over :data:`C_GRID`."""
     n_splits = int(min(3, np.bincount(y).min()))
@@ -105,8 +131,9 @@ def null_p_value(observed: float, null: np.ndarray) -> float:
 class ConceptProbes:
     """Linear concept probes over pooled layer activations.
 
-    Each probe's held-out ranking accuracy (AUC against its own labels, ``auc_raw``) is tested against
-    ``random_runs`` probes fitted to the same images with
+    Each probe's held-out ranking accuracy (out-of-fold AUC against its own labels, of a ridge probe of
+    the same standardised activations) is tested against ``random_runs`` ridge probes fitted to the same
+    images with
     shuffled labels (random-vs-random); ``p_value`` is :func:`null_p_value` and ``significant`` requires
     ``p_value < alpha / (n_concepts * n_layers)`` (Bonferroni) and an AUC above 0.5. AUC rather than
     plain accuracy: against a random set that holds the concept by chance, or with unbalanced classes, a
@@ -204,20 +231,17 @@ class ConceptProbes:
                     c = float(np.mean(1 / (1 + np.exp(-oof[y == 1]))))
                     contamination = float(np.clip(n_pos / n_neg * (1 - c) / max(c, 1e-6), 0.0, MAX_CONTAMINATION))
                     auc = float(np.clip((auc_raw - contamination / 2) / (1 - contamination), 0.0, 1.0))
-                null, null_dirs, real_dirs = [], [], []
-                for _ in range(self.random_runs):
-                    # random-vs-random: the same images with shuffled labels (AUC null and null CAVs)
-                    yperm = rng.permutation(y)
-                    null.append(roc_auc_score(yperm, _oof_margins(x, yperm, C, int(rng.integers(2**31)), folds)))
-                    null_dirs.append(_fit_logistic(x, yperm, C, seed).coef_[0])
-                    # the concept's own CAV on an 80% subsample (spread of TCAV scores)
-                    sub = rng.choice(len(x), size=max(4, int(0.8 * len(x))), replace=False)
-                    if len(np.unique(y[sub])) < 2:
-                        sub = np.arange(len(x))
-                    real_dirs.append(_fit_logistic(x[sub], y[sub], C, seed).coef_[0])
+                # random-vs-random null: the same images with shuffled labels. The test statistic is the
+                # out-of-fold AUC of a ridge probe, for the labels and R permutations at once (one solve per
+                # fold serves every permutation); its solutions for the permutations are the null CAVs.
+                perms = np.stack([y] + [rng.permutation(y) for _ in range(self.random_runs)], axis=1)
+                ridge_auc, ridge_dirs = _ridge_oof_auc(x, perms, folds, seed, alpha=1.0 / C)
+                null = ridge_auc[1:]
+                null_dirs = list(ridge_dirs[:, 1:].T)
+                real_dirs = _fold_directions(x, y, C, seed, folds, self.random_runs)
                 runs_real[j] = _unit(np.array(real_dirs).reshape(-1, a.shape[1]) / scale)
                 runs_null[j] = _unit(np.array(null_dirs).reshape(-1, a.shape[1]) / scale)
-                p_value = null_p_value(auc_raw, np.array(null)) if self.random_runs >= 2 else float("nan")
+                p_value = null_p_value(float(ridge_auc[0]), null) if self.random_runs >= 2 else float("nan")
                 final = _fit_logistic(x, y, C, seed)  # the probe used downstream sees every labelled image
                 coef[j], intercept[j] = final.coef_[0], final.intercept_[0]
                 if random_negatives:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from concepts.errors import ConceptSurrogateError, InputError
@@ -65,6 +66,8 @@ def _add_common(p):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same result")
     p.add_argument("--batch-size", type=_positive_int("batch_size"), default=64, metavar="N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable or truncated images (counted in a warning) instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +173,7 @@ def cmd_extract(args):
         raise InputError(f"--workers {args.workers}: expected 0 or more")
     teacher = load_teacher(args.teacher, args.weights)
     layers = teacher.resolve_layers(args.layer)
-    images = load_images(args.images)
+    images = load_images(args.images, skip_bad=args.skip_bad_images)
     acts = cached_extract(teacher, images, layers, _preprocess(args, teacher), args.out, batch_size=args.batch_size,
                           pooling=args.pooling, progress=not args.quiet, num_workers=args.workers)
     if dist_env()[0] == 0:
@@ -190,8 +193,8 @@ def cmd_probe(args):
     teacher = load_teacher(args.teacher, args.weights)
     layers = teacher.resolve_layers(args.layer)
     preprocess = _preprocess(args, teacher)
-    concepts = load_concept_source(args.concepts, concept_columns=args.concept_columns)
-    target_images = load_images(args.images) if args.images else None
+    concepts = load_concept_source(args.concepts, concept_columns=args.concept_columns, skip_bad=args.skip_bad_images)
+    target_images = load_images(args.images, skip_bad=args.skip_bad_images) if args.images else None
     probes, _ = fit_probes(teacher, concepts, layers, preprocess, random_runs=args.random_runs, pooling=args.pooling,
                            seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     quality = probes.quality_.copy()
@@ -234,7 +237,7 @@ def cmd_score(args):
     probes, meta = load_probes(args.probes_dir)
     t = meta["teacher"]
     teacher = load_teacher(t["spec"], t.get("weights"))
-    images = load_images(args.images)
+    images = load_images(args.images, skip_bad=args.skip_bad_images)
     acts = extract(teacher, images, [probes.layer_], Preprocess.from_dict(meta["preprocess"]), batch_size=args.batch_size,
                    pooling=meta["pooling"], progress=not args.quiet)
     scores = probes.transform(acts.layers[probes.layer_])
@@ -261,7 +264,7 @@ def cmd_distill(args):
     preprocess = Preprocess.from_dict(meta["preprocess"])
     if args.image_size or args.mean or args.std:
         preprocess = _preprocess(args, teacher)
-    images = load_images(args.images)
+    images = load_images(args.images, skip_bad=args.skip_bad_images)
     classes = parse_classes(args.classes) or teacher.classes
     model = distill(teacher, probes, images, preprocess, kind=args.kind, max_depth=args.max_depth,
                     max_leaves=args.max_leaves, temperature=args.temperature, test_size=args.test_size,
@@ -308,7 +311,7 @@ def cmd_audit(args):
     from .model import SurrogateModel
     model = SurrogateModel.load(args.model_dir)
     other = SurrogateModel.load(args.compare) if args.compare else None
-    images = load_images(args.images)
+    images = load_images(args.images, skip_bad=args.skip_bad_images)
     report = audit(model, images, spurious=args.spurious, compare=other, seed=args.seed, batch_size=args.batch_size,
                    progress=not args.quiet)
     write_report(report, args.out, model=model)
@@ -324,6 +327,8 @@ def main(argv=None) -> int:
     """Entry point of the ``surrogate`` command. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    old_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_a, **_k: f"{PROG} {args.command}: warning: {message}\n"
     try:
         import torch
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
@@ -337,6 +342,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = old_format
     return 0
 
 

@@ -210,3 +210,17 @@ def test_python_dash_m_and_no_traceback(teacher_files, zoo_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1].startswith("surrogate probe: error: Layer 'layer9' not found")
+
+
+def test_skip_bad_images_from_the_command_line(capsys, teacher_files, zoo_dir, tmp_path):
+    import shutil
+    shutil.copytree(zoo_dir / "tcav", tmp_path / "tcav")
+    (tmp_path / "tcav" / "horns" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    argv = ["probe", "--teacher", teacher_files["pt2"], "--layer", "layer4", "--concepts", tmp_path / "tcav",
+            "--random-runs", "2", "--quiet"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "p1")
+    assert code == 2 and "broken.png" in err and len(err.strip().splitlines()) == 1
+    with pytest.warns(UserWarning, match=r"--concepts: skipped 1 of .*broken.png"):
+        code, _, err = run(capsys, *argv, "--skip-bad-images", "--out", tmp_path / "p2")
+    assert code == 0, err
+    assert (pd.read_csv(tmp_path / "p2" / "quality.csv")["n_pos"] == 12).all()

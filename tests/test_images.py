@@ -84,3 +84,38 @@ def test_preprocess():
         parse_triple("1,2", "--mean")
     with pytest.raises(InputError):
         Preprocess(4, (0.5, 0.5, 0.5), None)
+
+
+def test_skip_bad_images_counts_and_warns(tmp_path):
+    (tmp_path / "cat").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "cat" / f"ok{i}.png")
+    (tmp_path / "cat" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "cat" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 images .*(truncated|empty)"):
+        s = load_images(tmp_path, skip_bad=True)
+    assert len(s) == 3 and all("ok" in p.name for p in s.paths)
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"path": ["cat/ok0.png", "cat/gone.png"], "fur": [1, 0]}).to_csv(table, index=False)
+    with pytest.raises(InputError, match="gone.png"):
+        load_images(table)
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        assert len(load_images(table, skip_bad=True)) == 1
+    pd.DataFrame({"path": ["cat/empty.jpg"], "fur": [1]}).to_csv(table, index=False)
+    with pytest.raises(InputError, match="none of the 1 images"):
+        load_images(table, skip_bad=True)
+
+
+def test_skip_bad_images_in_tcav_folders_recounts_examples(tmp_path):
+    for name, n in (("fur", 3), ("random", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), "blue").save(tmp_path / name / f"{i}.png")
+    (tmp_path / "fur" / "bad.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        s = load_concept_source(tmp_path, skip_bad=True)
+    assert (s.table["fur"] == 1).sum() == 3
+    with pytest.raises(InputError, match="fur.*1 positive"), pytest.warns(UserWarning):
+        for f in list((tmp_path / "fur").glob("[12].png")):
+            f.write_bytes(b"junk")
+        load_concept_source(tmp_path, skip_bad=True, min_examples=2)
