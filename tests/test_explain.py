@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
+from synthetic import CLASSES, CONCEPTS, synthetic  # noqa: E402  (tests/synthetic.py)
 
 from concepts.fileio import to_json
 from concepts.images import Preprocess
@@ -21,8 +22,6 @@ from surrogate.explain import explain_scores, format_explanation, plot_explanati
 from surrogate.metrics import softmax
 from surrogate.model import SurrogateModel
 
-CONCEPTS = ["fur", "whiskers", "stripes", "horns"]
-CLASSES = ["cat", "tiger", "cow", "dog"]
 TEMPERATURE = 2.0
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
@@ -32,15 +31,7 @@ logits_st = arrays(np.float64, (4,), elements=st.floats(-8, 8, allow_nan=False))
 
 
 def _synthetic(n=240, seed=0):
-    """Activations of one layer whose first 4 columns encode the concepts; logits from the concepts."""
-    rng = np.random.default_rng(seed)
-    present = (rng.random((n, 4)) < 0.5).astype(int)
-    labels = pd.DataFrame(present, columns=CONCEPTS)
-    acts = rng.normal(0, 1, (n, 16))
-    acts[:, :4] += 2.5 * present
-    fur, whiskers, stripes, horns = present.T.astype(float)
-    logits = np.stack([4 * fur * whiskers, 3 * stripes, 2 * horns, 1.0 + 0 * fur], 1) + rng.normal(0, 0.3, (n, 4))
-    return {"layer4": acts}, labels, logits
+    return synthetic(n, seed)
 
 
 def _model(kind, estimator, probes):

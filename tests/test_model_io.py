@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import CLASSES, CONCEPTS, synthetic  # noqa: E402  (tests/synthetic.py)
 
 from concepts.errors import InputError
 from concepts.images import Preprocess
@@ -15,8 +16,6 @@ from surrogate.estimators import LinearSurrogate, TreeSurrogate
 from surrogate.metrics import softmax
 from surrogate.model import ARRAYS_FILE, FORMAT_VERSION, MODEL_FILE, SurrogateModel
 
-CONCEPTS = ["fur", "whiskers", "stripes", "horns"]
-CLASSES = ["cat", "tiger", "cow", "dog"]
 UNPICKLED = []  # filled if loading ever unpickles the booby-trapped array below
 
 
@@ -32,14 +31,8 @@ class _Trap:
 
 @pytest.fixture(scope="module")
 def setup():
-    rng = np.random.default_rng(0)
-    n = 200
-    present = (rng.random((n, 4)) < 0.5).astype(int)
-    labels = pd.DataFrame(present, columns=CONCEPTS)
-    acts = rng.normal(0, 1, (n, 16))
-    acts[:, :4] += 2.5 * present
-    fur, whiskers, stripes, horns = present.T.astype(float)
-    logits = np.stack([4 * fur * whiskers, 3 * stripes, 2 * horns, 1.0 + 0 * fur], 1) + rng.normal(0, 0.3, (n, 4))
+    layer_acts, labels, logits = synthetic(200, 0)
+    acts = layer_acts["layer4"]
     probes = ConceptProbes(random_runs=3).fit({"layer4": acts}, labels)
     X = probes.transform({"layer4": acts})
     P = pd.DataFrame(softmax(logits, 2.0), columns=CLASSES)
