@@ -26,6 +26,10 @@ QUALITY_COLUMNS = ["concept", "layer", "auc", "accuracy", "n_pos", "n_neg", "tca
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 _STATE_KEYS = ("mean", "scale", "coef", "intercept", "runs_real", "runs_null", "pu_scale")
 MAX_CONTAMINATION = 0.95
+# positives whose out-of-fold score reaches this quantile stand for "clear" positives in the contamination
+# estimate: the mean (Elkan & Noto's e1) is pulled down by ambiguous positives and overestimates
+# contamination (measured on the toy zoo: +0.10 on average, against -0.06 with the upper quartile)
+CLEAR_POSITIVE_QUANTILE = 0.75
 
 
 @dataclass
@@ -182,7 +186,8 @@ class ConceptProbes:
         the concept by chance: positive-unlabelled learning (case-control, Elkan & Noto 2008). A probe ``g``
         of labelled positives (``n_P``) against the random set (``n_U``) has odds ``r * p(x|concept) / p(x)``
         with ``r = n_P / n_U``; on clear positives that is ``r / pi`` with ``pi`` the share of the random set
-        holding the concept, so ``pi = r * (1 - c) / c`` with ``c`` the mean of ``g`` over held-out positives.
+        holding the concept, so ``pi = r * (1 - c) / c`` with ``c`` the upper quartile of ``g`` over
+        out-of-fold positives (:data:`CLEAR_POSITIVE_QUANTILE`).
         The quality table then reports ``contamination = pi``, ``auc_raw`` (positives vs random set) and
         ``auc = (auc_raw - pi / 2) / (1 - pi)`` (a positive in the random set ties with the positives on
         average), and scores are ``P(concept | x) = min(1, pi * odds(x) / r)``.
@@ -228,7 +233,7 @@ class ConceptProbes:
                 acc = float(((oof > 0).astype(int) == y).mean())
                 auc, contamination = auc_raw, float("nan")
                 if random_negatives:
-                    c = float(np.mean(1 / (1 + np.exp(-oof[y == 1]))))
+                    c = float(np.quantile(1 / (1 + np.exp(-oof[y == 1])), CLEAR_POSITIVE_QUANTILE))
                     contamination = float(np.clip(n_pos / n_neg * (1 - c) / max(c, 1e-6), 0.0, MAX_CONTAMINATION))
                     auc = float(np.clip((auc_raw - contamination / 2) / (1 - contamination), 0.0, 1.0))
                 # random-vs-random null: the same images with shuffled labels. The test statistic is the

@@ -90,3 +90,30 @@ def test_concept_choice_errors_and_augmentation(setup):
     assert m.concepts == ["fur", "horns", "stripes"]
     assert m.metrics["excluded_concepts"] == [c for c in probes.concepts_ if c not in ("fur", "horns", "stripes")]
     assert m.metrics["n_augmented"] == m.metrics["n_train"]
+
+
+def test_positive_unlabelled_probes_estimate_contamination():
+    # labelled positives vs a random set of which 40% hold the concept (TCAV's random/ in real use)
+    rng = np.random.default_rng(1)
+    d, n_l, n_u, pi = 8, 150, 300, 0.4
+    shift = np.zeros(d)
+    shift[0] = 3.0
+    pos = rng.normal(size=(n_l, d)) + shift
+    u_has = rng.random(n_u) < pi
+    unl = rng.normal(size=(n_u, d)) + np.outer(u_has, shift)
+    acts = {"l": np.vstack([pos, unl])}
+    labels = pd.DataFrame({"c": np.r_[np.ones(n_l), np.zeros(n_u)]})
+    pu = ConceptProbes(random_runs=5, random_state=0).fit(acts, labels, random_negatives=True)
+    plain = ConceptProbes(random_runs=5, random_state=0).fit(acts, labels)
+    q = pu.quality_.iloc[0]
+    assert abs(q["contamination"] - u_has.mean()) < 0.15
+    assert q["auc"] > q["auc_raw"] and bool(q["probe_significant"])
+    assert np.isnan(plain.quality_.iloc[0]["contamination"])
+    # scores of the random set: concept holders high, the others low, unlike the plain probe's
+    s_pu = pu.transform(acts)["c"].to_numpy()[n_l:]
+    s_plain = plain.transform(acts)["c"].to_numpy()[n_l:]
+    assert s_pu[u_has].mean() > 0.6 and s_pu[~u_has].mean() < 0.2
+    assert s_plain[u_has].mean() < s_pu[u_has].mean()
+    # the correction keeps the ranking
+    from scipy.stats import spearmanr
+    assert spearmanr(s_pu, s_plain).correlation > 0.99
