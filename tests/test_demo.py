@@ -44,10 +44,11 @@ def test_full_demo_meets_the_targets(tmp_path, capsys):
     # without a concept the teacher needs, the ceiling drops and the metrics say the concepts are incomplete
     teacher = load_teacher(out / "teacher.pt2")
     probes, _ = load_probes(out / "probes")
-    without = [c for c in probes.concepts_ if c != "stripes"]  # tigers differ from cats only by stripes
+    without = [c for c in probes.concepts_ if c != "spots"]  # leopards differ from cats only by spots
     m = distill(teacher, probes, load_images(out / "data" / "images"), teacher.preprocess, kind="linear",
                 classes=teacher.classes, concepts=without, progress=False).metrics
-    assert m["ceiling_fidelity"] < summary["tree"]["ceiling_fidelity"] - 0.02  # measured: 0.981 -> 0.942
+    # measured: 0.975 -> 0.933 (other probes still carry some of it; without stripes it is 0.975 -> 0.950)
+    assert m["ceiling_fidelity"] < summary["tree"]["ceiling_fidelity"] - 0.02
     assert not m["concepts_complete"] and "incomplete" in m["warning"]
     assert m["completeness"] < 0.95
 
