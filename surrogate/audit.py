@@ -18,7 +18,7 @@ from concepts.images import ImageSet, open_image
 from concepts.tcav import tcav
 from concepts.teacher import Teacher
 
-from .distill import ceiling_models
+from .distill import COMPLETE_AT, ceiling_models
 from .explain import model_inputs
 from .metrics import fidelity
 from .model import SurrogateModel
@@ -82,8 +82,15 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
     # TCAV on an evenly spaced subset, for every class
     n_t = min(len(images), tcav_images)
     sub = images.subset(np.linspace(0, len(images) - 1, n_t).round().astype(int)) if n_t < len(images) else images
-    tc = tcav(teacher, sub, model.preprocess, model.probes, model.classes, layer=model.layer,
-              pooling=model.pooling, progress=progress) if model.probes.random_runs >= 2 else pd.DataFrame()
+    tc, tcav_layer = pd.DataFrame(), model.layer
+    if model.probes.random_runs >= 2:
+        # where every class logit is linear in the layer (the last block before global pooling and a linear
+        # head) each TCAV score is 0 or 1: then use the deepest other probed layer
+        for tcav_layer in [model.layer] + [x for x in reversed(model.probes.layers_) if x != model.layer]:
+            tc = tcav(teacher, sub, model.preprocess, model.probes, model.classes, layer=tcav_layer,
+                      pooling=model.pooling, progress=progress)
+            if not _degenerate(tc):
+                break
 
     importance = model.importance().set_index("concept")["importance"]
     ranks = importance.rank(ascending=False, method="min").astype(int)
@@ -124,7 +131,8 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
         "unexplained": unexplained,
         "tcav": tc.to_dict(orient="records") if len(tc) else [],
         "flagged": [r["concept"] for r in concept_rows if r["flagged"]],
-        "tcav_degenerate": bool(len(tc)) and bool(tc["tcav_score"].isin([0.0, 1.0]).all()),
+        "tcav_degenerate": _degenerate(tc),
+        "tcav_layer": tcav_layer,
         "distill_metrics": model.metrics,
     }
     labels = images.labels
@@ -133,6 +141,11 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
     if compare is not None:
         report["compare"] = _compare(model, compare, images, scores, q, t_idx, batch_size, progress)
     return report
+
+
+def _degenerate(tc: pd.DataFrame) -> bool:
+    """Every TCAV score is 0 or 1: the directional derivatives have the same sign for every image."""
+    return bool(len(tc)) and bool(tc["tcav_score"].isin([0.0, 1.0]).all())
 
 
 def _compare(model, other, images, scores, q, t_idx, batch_size, progress):
@@ -201,7 +214,7 @@ def report_html(report: dict, *, tree_svg: str | None = None, max_thumbs: int = 
     for name, v, note in cards:
         parts.append(f"<div class='card'>{e(name)}<b>{_fmt(v, pct=True)}</b><span class='muted'>{e(note)}</span></div>")
     parts.append("</div>")
-    if r["ceiling_fidelity"] < 0.95:
+    if r["ceiling_fidelity"] < COMPLETE_AT:
         parts.append(f"<p><span class='badge bad'>incomplete</span> Even an unconstrained model of these concept scores "
                      f"agrees with the teacher on only {_fmt(r['ceiling_fidelity'], True)} of the images: the teacher uses "
                      "something the concept bank does not name.</p>")
@@ -224,8 +237,8 @@ def report_html(report: dict, *, tree_svg: str | None = None, max_thumbs: int = 
                      "layer each class logit is linear in the activations (e.g. the last block before global pooling "
                      "and a linear head), so the directional derivative is the same for every image. Probe an "
                      "earlier layer for meaningful TCAV scores.</p><table style='display:none'>")
-    parts.append("</table><p class='muted'>TCAV score: share of images whose class logit rises along the concept "
-                 "direction, for the class where the concept is most significant; significance against random-vs-random "
+    parts.append(f"</table><p class='muted'>TCAV scores at layer <code>{e(str(r.get('tcav_layer')))}</code>: share of "
+                 "images whose class logit rises along the concept direction, for the class where the concept is most significant; significance against random-vs-random "
                  "directions with Bonferroni correction.</p>")
     if tree_svg:
         parts.append(f"<h2>The surrogate tree</h2><div class='tree'>{tree_svg}</div>")

@@ -31,9 +31,10 @@ from .explain import explain_scores, plot_explanation
 from .render import render_model
 
 IMAGE_SIZE = 64
-# layer4 feeds global average pooling and a linear head, so a class logit is linear in it: its directional
-# derivatives are the same for every image and TCAV there can only say 0 or 1. Probe the block before it.
-LAYERS = ["layer3"]
+# Probe both late stages; the surrogate uses the one whose probes rank best. layer4 feeds global average pooling
+# and a linear head, so a class logit is linear in it and TCAV there can only say 0 or 1: the audit then
+# computes TCAV at layer3.
+LAYERS = ["layer3", "layer4"]
 WATERMARK_CLASS = "cow"
 WATERMARK_CORR = 0.8
 DATA_VERSION = 3
