@@ -8,14 +8,14 @@ import pytest
 import torch
 from hypothesis import settings
 
+from concepts import datasets as zoo
+from concepts.images import Preprocess
+from concepts.models import ToyResNet, export_teacher, train
+
 # CI replays the same examples every run (a property test must not pass or fail by the draw)
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-from concepts import datasets as zoo
-from concepts.images import Preprocess
-from concepts.models import ToyResNet, export_teacher, train
 
 SIZE = 32
 
