@@ -12,7 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -144,14 +143,3 @@ def export_teacher(model: nn.Module, path, *, image_size: int, classes=None, pre
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def images_to_tensor(images, preprocess) -> torch.Tensor:
-    """Stack PIL images into a preprocessed batch tensor."""
-    return torch.stack([preprocess(im) for im in images])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy's legacy global generator."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
