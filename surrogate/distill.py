@@ -284,7 +284,7 @@ def distill(teacher: Teacher, probes: ConceptProbes, images: ImageSet, preproces
     }
     labels = images.labels
     if labels is not None and all(lbl is not None for lbl in labels) and set(labels) <= set(classes):
-        metrics["teacher_accuracy"] = float(np.mean(np.array(classes, dtype=object)[hard] == np.array(labels, dtype=object)))
+        metrics["teacher_accuracy"] = float(np.mean(names[hard] == np.array(labels, dtype=object)))
     if not metrics["concepts_complete"]:
         metrics["warning"] = (f"The concepts are incomplete: even an unconstrained model over these concept scores "
                               f"agrees with the teacher on only {ceiling:.1%} of held-out images")
