@@ -14,25 +14,35 @@ from pathlib import Path
 import numpy as np
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and move it into place.
+@contextlib.contextmanager
+def atomic_path(path, *, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path`` for a writer that takes a file name; on success it is moved
+    onto ``path``, on any error it is removed and an existing ``path`` is left as it was.
 
-    The file gets ordinary permissions (``0o666`` less the umask, unlike ``mkstemp``'s ``0o600``); on any
-    error the temporary file is removed and an existing ``path`` is left as it was.
+    ``suffix`` ends the temporary name (for writers that check the extension, e.g. ``".pt2"``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and move it into place (see :func:`atomic_path`).
+
+    The file gets ordinary permissions (``0o666`` less the umask, unlike ``mkstemp``'s ``0o600``).
+    """
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -84,14 +94,24 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(src, dst) -> None:
+    """Move the finished folder ``src`` onto ``dst``; an existing ``dst`` (folder, file or link) is moved
+    aside first and deleted only after ``src`` is in place."""
+    src, dst = Path(src), Path(dst)
     old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
+        os.replace(dst, old)
+    os.replace(src, dst)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def read_json(path, *, what: str) -> dict:

@@ -8,14 +8,13 @@ exactly the named children in order, so the TorchScript chaining of :mod:`concep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .fileio import atomic_path
 from .teacher import META_FILE
 
 
@@ -134,12 +133,6 @@ def export_teacher(model: nn.Module, path, *, image_size: int, classes=None, pre
     meta = {"preprocess": preprocess or {"image_size": image_size, "mean": None, "std": None}}
     if classes is not None:
         meta["classes"] = list(classes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt2")
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={META_FILE: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".pt2") as tmp:
+        torch.export.save(program, str(tmp), extra_files={META_FILE: json.dumps(meta)})
     return path

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .activations import POOLINGS, Activations, pool
 from .errors import ConceptSurrogateError, InputError
-from .fileio import atomic_write_text, to_json
+from .fileio import atomic_write_text, replace_dir, to_json
 from .images import ImageSet, Preprocess, default_workers, iter_batches
 from .teacher import Teacher
 
@@ -218,21 +218,6 @@ def _check_images(images: ImageSet) -> None:
             raise InputError(f"image {p}: no such file")
 
 
-def _swap_in(work: Path, act_dir: Path) -> None:
-    """Move the finished ``work`` folder to ``act_dir``, replacing an older one only now."""
-    old = None
-    if act_dir.exists() or act_dir.is_symlink():
-        old = act_dir.parent / f".{act_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(act_dir, old)
-    os.replace(work, act_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
 def _prepare_work(work: Path, manifest: dict) -> None:
     """Keep a work folder with the same key (to resume), otherwise start a fresh one."""
     existing = _read_manifest(work)
@@ -355,7 +340,7 @@ def _extract_sharded(teacher: Teacher, images: ImageSet, layers: list[str], prep
         atomic_write_text(work / MANIFEST, to_json(manifest) + "\n")
         for f in work.glob("progress-*.json"):
             f.unlink()
-        _swap_in(work, act_dir)
+        replace_dir(work, act_dir)
     group.barrier()
 
 
