@@ -128,14 +128,3 @@ def extract(teacher: Teacher, images: ImageSet, layers: Sequence[str], preproces
     finally:
         bar.close()
     return Activations(out, logits)
-
-
-def teacher_logits(teacher: Teacher, images: ImageSet, preprocess: Preprocess, *, batch_size: int = 64,
-                   progress: bool = True) -> np.ndarray:
-    """The teacher's logits for every image, shape (n_images, n_classes), float32."""
-    rows = []
-    with torch.inference_mode():
-        for batch in tqdm(iter_batches(images.paths, preprocess, batch_size=batch_size), desc="teacher",
-                          disable=not progress, leave=False):
-            rows.append(teacher.logits(batch).float().numpy())
-    return np.concatenate(rows)

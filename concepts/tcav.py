@@ -130,3 +130,19 @@ def tcav(teacher: Teacher, images: ImageSet, preprocess: Preprocess, probes, cla
                          "p_value": p,
                          "significant": bool(p < alpha / n_tests and gate)})
     return pd.DataFrame(rows)
+
+
+def quality_with_tcav(teacher: Teacher, images: ImageSet, preprocess: Preprocess, probes, classes: Sequence[str],
+                      class_index: int, *, pooling: str = "mean", progress: bool = True) -> pd.DataFrame:
+    """The probes' quality table with ``tcav_score``, ``p_value`` and ``significant`` of class ``class_index``
+    at every probed layer, computed on ``images`` (``probe --target``; the probe's own test stays in
+    ``probe_p_value``/``probe_significant``)."""
+    quality = probes.quality_.copy()
+    for layer in probes.layers_:
+        tc = tcav(teacher, images, preprocess, probes, classes, layer=layer, class_indices=[class_index],
+                  pooling=pooling, progress=progress)
+        for _, row in tc.iterrows():
+            m = (quality["concept"] == row["concept"]) & (quality["layer"] == layer)
+            quality.loc[m, ["tcav_score", "p_value", "significant"]] = [row["tcav_score"], row["p_value"],
+                                                                       row["significant"]]
+    return quality

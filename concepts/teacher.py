@@ -235,6 +235,11 @@ class Teacher:
         """Logits for a batch (no layer taps)."""
         return self.forward(x)[0]
 
+    def n_outputs(self, image_size: int) -> int:
+        """Number of classes the teacher outputs (one forward pass on a blank image)."""
+        with torch.inference_mode():
+            return int(self.logits(torch.zeros(1, 3, image_size, image_size)).shape[1])
+
 
 def _as_logits(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):

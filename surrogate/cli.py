@@ -184,7 +184,7 @@ def cmd_extract(args):
 def cmd_probe(args):
     from concepts.images import load_concept_source, load_images
     from concepts.probes import save_probes
-    from concepts.tcav import tcav
+    from concepts.tcav import quality_with_tcav
     from concepts.teacher import load_teacher
 
     from .distill import fit_probes, parse_classes
@@ -197,21 +197,14 @@ def cmd_probe(args):
     target_images = load_images(args.images, skip_bad=args.skip_bad_images) if args.images else None
     probes, _ = fit_probes(teacher, concepts, layers, preprocess, random_runs=args.random_runs, pooling=args.pooling,
                            seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-    quality = probes.quality_.copy()
     if args.target is not None:
-        from concepts.activations import teacher_logits
-        n_out = teacher_logits(teacher, target_images.subset([0]), preprocess, progress=False).shape[1]
+        n_out = teacher.n_outputs(preprocess.image_size)
         classes = parse_classes(args.classes, n_out) or teacher.classes or [f"class_{k}" for k in range(n_out)]
-        k = _class_index(args.target, classes)
-        for layer in layers:
-            tc = tcav(teacher, target_images, preprocess, probes, classes, layer=layer, class_indices=[k],
-                      pooling=args.pooling, progress=not args.quiet)
-            for _, row in tc.iterrows():
-                m = (quality["concept"] == row["concept"]) & (quality["layer"] == layer)
-                quality.loc[m, ["tcav_score", "p_value", "significant"]] = [row["tcav_score"], row["p_value"], row["significant"]]
-    probes.quality_ = quality
+        probes.quality_ = quality_with_tcav(teacher, target_images, preprocess, probes, classes,
+                                            _class_index(args.target, classes), pooling=args.pooling,
+                                            progress=not args.quiet)
     save_probes(args.out, probes, teacher=teacher.to_dict(), preprocess=preprocess.to_dict(), pooling=args.pooling)
-    _progress_note(args, f"wrote {args.out}/quality.csv ({len(quality)} probes; best layer {probes.layer_})")
+    _progress_note(args, f"wrote {args.out}/quality.csv ({len(probes.quality_)} probes; best layer {probes.layer_})")
 
 
 def _class_index(target, classes):
