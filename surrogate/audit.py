@@ -20,7 +20,7 @@ from concepts.teacher import Teacher
 
 from .distill import COMPLETE_AT, ceiling_models
 from .explain import model_inputs
-from .metrics import fidelity
+from .metrics import fidelity, softmax
 from .model import SurrogateModel
 
 FLAG_IMPORTANCE = 0.01  # a spurious concept with at least this surrogate importance is flagged
@@ -73,6 +73,7 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
     scores, logits = model_inputs(model, teacher, images, batch_size=batch_size, progress=progress)
     classes = np.array(model.classes, dtype=object)
     t_idx = logits.argmax(1)
+    teacher_probs = softmax(logits)
     q = model.estimator.predict_proba(scores)
     s_idx = q.argmax(1)
     agree = t_idx == s_idx
@@ -116,7 +117,7 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
                   "ceiling_fidelity": float((ceiling_pred[t_idx == k] == k).mean()) if (t_idx == k).any() else None}
                  for k, c in enumerate(model.classes)]
     disagreements = [{"path": paths[i], "teacher_label": classes[t_idx[i]], "surrogate_label": classes[s_idx[i]],
-                      "teacher_prob": float(np.exp(logits[i] - logits[i].max()).max() / np.exp(logits[i] - logits[i].max()).sum())}
+                      "teacher_prob": float(teacher_probs[i].max())}
                      for i in np.nonzero(~agree)[0]]
     unexplained = [{"path": paths[i], "teacher_label": classes[t_idx[i]]} for i in np.nonzero(ceiling_pred != t_idx)[0]]
     report = {
