@@ -140,7 +140,7 @@ def audit(model: SurrogateModel, images: ImageSet, *, spurious: Sequence[str] = 
     if labels is not None and all(lbl is not None for lbl in labels):
         report["teacher_accuracy"] = float(np.mean(classes[t_idx] == np.array(labels, dtype=object)))
     if compare is not None:
-        report["compare"] = _compare(model, compare, images, scores, q, t_idx, batch_size, progress)
+        report["compare"] = _compare(model, compare, images, teacher, q, t_idx, batch_size, progress)
     return report
 
 
@@ -149,8 +149,8 @@ def _degenerate(tc: pd.DataFrame) -> bool:
     return bool(len(tc)) and bool(tc["tcav_score"].isin([0.0, 1.0]).all())
 
 
-def _compare(model, other, images, scores, q, t_idx, batch_size, progress):
-    other_teacher = other.load_teacher()
+def _compare(model, other, images, teacher, q, t_idx, batch_size, progress):
+    other_teacher = teacher if other.teacher == model.teacher else other.load_teacher()
     o_scores, o_logits = model_inputs(other, other_teacher, images, batch_size=batch_size, progress=progress)
     oq = other.estimator.predict_proba(o_scores)
     same_classes = list(other.classes) == list(model.classes)
