@@ -2,7 +2,7 @@
 
 Same teacher, layers, concepts, random images and TCAV inputs on both sides, every class scored:
 
-- ours: ``surrogate.distill.fit_probes`` (one extraction pass over the concept folders, logistic probes
+- ours: ``concepts.probes.fit_probes`` (one extraction pass over the concept folders, logistic probes
   with ``R`` subsample and ``R`` random-vs-random runs per concept and layer) then
   ``concepts.tcav.tcav`` for each layer (one forward and one backward per class per batch; all CAVs at
   once);
@@ -30,9 +30,9 @@ from scipy import stats
 from torch.utils.data import DataLoader, Dataset
 
 from concepts.images import load_concept_source, load_images, open_image
+from concepts.probes import fit_probes
 from concepts.tcav import tcav
 from concepts.teacher import load_teacher
-from surrogate.distill import fit_probes
 
 LAYERS = ["layer3", "layer4"]
 CONCEPTS = ["fur", "stripes", "horns"]

@@ -26,8 +26,9 @@ from sklearn.metrics import roc_auc_score
 from concepts import datasets as zoo
 from concepts.activations import extract
 from concepts.images import load_concept_source, load_images
+from concepts.probes import fit_probes
 from concepts.teacher import load_teacher
-from surrogate.distill import distill, fit_probes
+from surrogate.distill import distill
 
 
 def main():

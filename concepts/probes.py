@@ -367,6 +367,36 @@ class ConceptProbes:
         return out
 
 
+def fit_probes(teacher, concepts, layers, preprocess, *, random_runs: int = 10, pooling: str = "mean",
+               test_size: float = 0.25, seed: int = 0, batch_size: int = 64,
+               progress: bool = True) -> tuple[ConceptProbes, dict[str, np.ndarray]]:
+    """Extract activations of the concept examples and fit one linear probe per concept and layer.
+
+    Parameters
+    ----------
+    teacher : concepts.teacher.Teacher
+    concepts : concepts.images.ImageSet
+        Concept examples (:func:`concepts.images.load_concept_source`); a TCAV folder layout makes the
+        probes positive-unlabelled (see :meth:`ConceptProbes._fit`).
+    layers : str or sequence of str
+    preprocess : concepts.images.Preprocess
+
+    Returns
+    -------
+    probes : ConceptProbes
+    acts : dict of str to ndarray
+        Pooled activations of the concept examples per layer (for TCAV).
+    """
+    from .activations import extract
+
+    layers = teacher.resolve_layers(layers)
+    acts = extract(teacher, concepts, layers, preprocess, batch_size=batch_size, pooling=pooling,
+                   progress=progress, desc="probe").layers
+    probes = ConceptProbes(test_size=test_size, random_runs=random_runs, random_state=seed)
+    probes.fit(acts, concepts.table[concepts.concepts], random_negatives=concepts.random_negatives)
+    return probes, acts
+
+
 # -------------------------------------------------------------------------------- PROBES_DIR
 PROBES_FORMAT_VERSION = 1
 

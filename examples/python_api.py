@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from concepts.images import load_images
+from concepts.probes import fit_probes
 from concepts.teacher import load_teacher
-from surrogate.distill import distill, fit_probes
+from surrogate.distill import distill
 from surrogate.explain import explain, format_explanation
 from surrogate.export import export_text, render
 

@@ -183,11 +183,11 @@ def cmd_extract(args):
 
 def cmd_probe(args):
     from concepts.images import load_concept_source, load_images
-    from concepts.probes import save_probes
+    from concepts.probes import fit_probes, save_probes
     from concepts.tcav import quality_with_tcav
     from concepts.teacher import load_teacher
 
-    from .distill import fit_probes, parse_classes
+    from .distill import parse_classes
     if (args.target is None) != (args.images is None):
         raise InputError("--target and --images: give both (TCAV scores for a class on its images) or neither")
     teacher = load_teacher(args.teacher, args.weights)

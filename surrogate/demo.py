@@ -22,11 +22,11 @@ from concepts.activations import extract
 from concepts.fileio import atomic_dir, to_json, write_json
 from concepts.images import Preprocess, load_images
 from concepts.models import ToyResNet, accuracy, export_teacher, train
-from concepts.probes import save_probes
+from concepts.probes import fit_probes, save_probes
 from concepts.teacher import load_teacher, sha256_file
 
 from .audit import audit, write_report
-from .distill import distill, fit_probes
+from .distill import distill
 from .explain import explain_scores, plot_explanation
 from .render import render_model
 

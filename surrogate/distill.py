@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from concepts.activations import extract
 from concepts.errors import InputError
 from concepts.images import ImageSet, Preprocess
-from concepts.probes import ConceptProbes
+from concepts.probes import ConceptProbes, fit_probes  # noqa: F401  (fit_probes moved to concepts.probes)
 from concepts.teacher import Teacher
 
 from .augment import augmented_queries
@@ -25,25 +25,6 @@ LINEAR_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # concepts are called complete when a model of them can reproduce at least this share of the teacher's
 # held-out decisions (the bar the toy zoo's full concept bank clears: 0.994; without "spots": 0.975)
 COMPLETE_AT = 0.98
-
-
-def fit_probes(teacher: Teacher, concepts: ImageSet, layers: Sequence[str] | str, preprocess: Preprocess, *,
-               random_runs: int = 10, pooling: str = "mean", test_size: float = 0.25, seed: int = 0,
-               batch_size: int = 64, progress: bool = True) -> tuple[ConceptProbes, dict[str, np.ndarray]]:
-    """Extract activations of the concept examples and fit one linear probe per concept and layer.
-
-    Returns
-    -------
-    probes : ConceptProbes
-    acts : dict of str to ndarray
-        Pooled activations of the concept examples per layer (for TCAV).
-    """
-    layers = teacher.resolve_layers(layers)
-    acts = extract(teacher, concepts, layers, preprocess, batch_size=batch_size, pooling=pooling,
-                   progress=progress, desc="probe").layers
-    probes = ConceptProbes(test_size=test_size, random_runs=random_runs, random_state=seed)
-    probes.fit(acts, concepts.table[concepts.concepts], random_negatives=concepts.random_negatives)
-    return probes, acts
 
 
 def parse_classes(value, n_outputs: int | None = None) -> list[str] | None:

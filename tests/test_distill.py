@@ -7,9 +7,9 @@ import pytest
 from concepts.errors import InputError
 from concepts.fileio import to_json
 from concepts.images import load_images
-from concepts.probes import ConceptProbes
+from concepts.probes import ConceptProbes, fit_probes
 from concepts.teacher import load_teacher
-from surrogate.distill import distill, fit_probes, select_complexity
+from surrogate.distill import distill, select_complexity
 from surrogate.metrics import bootstrap_ci, completeness, kl_divergence, softmax, total_variation
 
 

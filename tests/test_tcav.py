@@ -17,10 +17,9 @@ from hypothesis.extra.numpy import arrays
 from concepts import datasets as zoo
 from concepts.activations import extract
 from concepts.images import Preprocess, iter_batches, load_concept_source, load_images
-from concepts.probes import ConceptProbes
+from concepts.probes import ConceptProbes, fit_probes
 from concepts.tcav import directional_derivatives, magnitude, sign_count, tcav
 from concepts.teacher import load_teacher
-from surrogate.distill import fit_probes
 
 SIZE = 32
 LAYER = "layer3"  # (16, 8, 8) on the 32-pixel width-4 ToyResNet of conftest
